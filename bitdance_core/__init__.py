@@ -1,0 +1,18 @@
+"""BitDance engine: text-to-image, ImageNet class-conditional models and binary tokenizers.
+
+Self-contained (torch, safetensors, tokenizers); never imports ComfyUI.
+"""
+from .autoencoder import BinaryAutoencoder, load_autoencoder as load_tokenizer
+from .errors import BitDanceError
+from .prompts import PromptTokens
+from .t2i import OFFICIAL_SIZES, T2IPipeline, load_t2i, to_uint8
+
+
+def load_imagenet(*args, **kwargs):
+    from .imagenet import load_imagenet as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "PromptTokens", "T2IPipeline", "load_imagenet",
+           "load_t2i", "load_tokenizer", "to_uint8"]

@@ -1,0 +1,157 @@
+"""The command line: `python -m bitdance_core {t2i,tokenizer,imagenet,demo,bench} ...`.
+
+Array layouts: pixels .npy uint8 [B, H, W, 3] (the official conversion), tokens .npy float32 ±1
+[B, C, h, w] (what a decoder takes).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from .errors import BitDanceError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device_dtype(args):
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise BitDanceError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    dtype = DTYPES[args.dtype]
+    if dev == "cpu" and dtype == torch.float16:
+        raise BitDanceError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
+    return dev, dtype
+
+
+def _progress(desc: str):
+    """A small stderr progress bar as a pipeline callback."""
+    def cb(step, total, _bits):
+        n = 30 * (step + 1) // total
+        sys.stderr.write(f"\r{desc} [{'#' * n}{'.' * (30 - n)}] {step + 1}/{total}")
+        if step + 1 == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return cb
+
+
+def save_outputs(pixels_u8: np.ndarray, bits: torch.Tensor, args) -> None:
+    if args.pixels_npy:
+        np.save(args.pixels_npy, pixels_u8)
+    if args.tokens_npy:
+        np.save(args.tokens_npy, bits.cpu().numpy().astype(np.float32))
+    if args.out:
+        from PIL import Image
+
+        stem, ext = os.path.splitext(args.out)
+        for i, img in enumerate(pixels_u8):
+            path = args.out if len(pixels_u8) == 1 else f"{stem}_{i}{ext or '.png'}"
+            Image.fromarray(img).save(path)
+            print(path)
+
+
+def _add_common(p, out=True):
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    if out:
+        p.add_argument("--out", default=None, help="PNG path (IMG_0.png, IMG_1.png, ... for several images)")
+        p.add_argument("--pixels-npy", default=None)
+        p.add_argument("--tokens-npy", default=None)
+
+
+def cmd_t2i(args):
+    from .t2i import load_t2i, to_uint8
+
+    dev, dtype = _device_dtype(args)
+    pipe = load_t2i(args.model, device=dev, dtype=dtype, attention=args.attention)
+    bits = pipe.generate(pipe.encode_prompt(args.prompt, args.negative_prompt), args.height, args.width, args.steps,
+                         args.cfg, args.num_images, args.seed, callback=_progress("blocks"))
+    save_outputs(to_uint8(pipe.decode(bits)).numpy(), bits, args)
+
+
+def cmd_tokenizer(args):
+    from .autoencoder import load_autoencoder
+
+    dev, dtype = _device_dtype(args)
+    ae = load_autoencoder(args.model, device=dev, dtype=dtype)
+    if args.action == "encode":
+        img = _load_npy(args.image_npy, "image", ndim=4)
+        bits = ae.encode(torch.from_numpy(img).to(dev))
+        np.save(args.bits_npy, bits.float().cpu().numpy())
+    else:
+        bits = _load_npy(args.bits_npy, "bits", ndim=4)
+        gen = torch.Generator(device=dev).manual_seed(args.seed)
+        out = ae.decode(torch.from_numpy(bits).to(dev), generator=gen, chunk=args.chunk)
+        np.save(args.pixels_npy, out.float().cpu().numpy())
+
+
+def _load_npy(path, what, ndim):
+    if not path or not os.path.isfile(path):
+        raise BitDanceError(f"missing {what} file: {path}")
+    arr = np.load(path, allow_pickle=False)
+    if arr.ndim != ndim:
+        raise BitDanceError(f"{path}: {what} must have {ndim} dimensions [B, C, H, W], got shape {list(arr.shape)}")
+    return np.ascontiguousarray(arr.astype(np.float32))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bitdance_core", description="BitDance engine")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("t2i", help="text to image")
+    p.add_argument("--model", required=True, help="model folder (official or diffusers layout)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None, help="replaces the official unconditional prompt")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"])
+    _add_common(p)
+    p.set_defaults(func=cmd_t2i)
+
+    p = sub.add_parser("tokenizer", help="binary tokenizer encode / decode")
+    p.add_argument("action", choices=["encode", "decode"])
+    p.add_argument("--model", required=True, help="folder with ae_config.json + ae.safetensors, or an ae_*.safetensors")
+    p.add_argument("--image-npy", default=None)
+    p.add_argument("--bits-npy", default=None)
+    p.add_argument("--pixels-npy", default=None)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of GAN decoders")
+    p.add_argument("--chunk", type=int, default=None, help="decode this many images at a time")
+    _add_common(p, out=False)
+    p.set_defaults(func=cmd_tokenizer)
+
+    for register in _extra_commands():
+        register(sub)
+    return ap
+
+
+def _extra_commands():
+    """Subcommands that live beside their pipelines (imagenet, demo, bench), when present."""
+    import importlib
+
+    out = []
+    for mod in ("imagenet_cli", "demo_cli", "bench"):
+        try:
+            m = importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{mod}":
+                raise
+            continue
+        out.append(m.register)
+    return out
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except BitDanceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,212 @@
+"""The text-to-image pipeline: prompt -> bits, block by block.
+
+Both guidance branches run in ONE batched forward: rows [cond x B; uncond x B], prompts left-padded
+to a common length, each row with its own RoPE positions and key mask. The KV cache is allocated
+once; the backbone pass after the last block is skipped (its output would be unused).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .autoencoder import AutoencoderConfig, BinaryAutoencoder, build_autoencoder
+from .checkpoints import materialize, open_safetensors, open_sharded, read_json
+from .errors import BitDanceError, require
+from .head import DiffusionHead, HeadConfig
+from .positions import blocks_to_raster, sincos_2d_blocks
+from .projector import Projector
+from .prompts import PromptCodec, PromptTokens, load_prompt_codec
+from .qwen3 import KVCache, Qwen3Backbone, Qwen3Config
+from .sampler import SAMPLERS
+
+# The official [height, width] list (modeling/t2i_pipeline.py): the presets.
+OFFICIAL_SIZES = [
+    (2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024), (896, 1152), (768, 1280),
+    (640, 1536), (512, 1920), (512, 2048),
+    (1024, 256), (896, 256), (640, 384), (512, 512), (384, 640), (256, 896), (256, 1024),
+]
+
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class ModelFiles:
+    """Where each part of a text-to-image model lives (official or diffusers layout)."""
+
+    layout: str
+    llm_config: str
+    llm_folder: str
+    tokenizer_folder: str
+    ae_config: str
+    ae_weights: str
+    head_config: str
+    head_weights: str
+    projector_weights: str
+
+    @classmethod
+    def find(cls, path: str) -> "ModelFiles":
+        if not os.path.isdir(path):
+            raise BitDanceError(f"model folder not found: {path}")
+        j = lambda *p: os.path.join(path, *p)
+        if os.path.isfile(j("text_encoder", "config.json")):
+            d = "diffusion_pytorch_model.safetensors"
+            return cls("diffusers", j("text_encoder", "config.json"), j("text_encoder"), j("tokenizer"),
+                       j("autoencoder", "config.json"), j("autoencoder", d), j("diffusion_head", "config.json"),
+                       j("diffusion_head", d), j("projector", d))
+        if os.path.isfile(j("config.json")):
+            return cls("official", j("config.json"), path, path, j("ae_config.json"), j("ae.safetensors"),
+                       j("vision_head_config.json"), j("vision_head.safetensors"), j("projector.safetensors"))
+        raise BitDanceError(f"{path}: not a BitDance model folder: expected config.json (official layout) "
+                            "or text_encoder/config.json (diffusers layout)")
+
+
+class T2IPipeline:
+    def __init__(self, backbone: Qwen3Backbone, head: DiffusionHead, projector: Projector,
+                 autoencoder: BinaryAutoencoder, codec: PromptCodec, device, name: str = ""):
+        self.backbone, self.head, self.projector, self.autoencoder, self.codec = backbone, head, projector, autoencoder, codec
+        self.device = torch.device(device)
+        self.name = name
+        self.parallel_num = head.config.parallel_num
+        self.block_side = int(round(math.sqrt(self.parallel_num)))
+        self.latent_channels = autoencoder.config.z_channels
+        self.downsample = autoencoder.downsample
+
+    @property
+    def block_pixels(self) -> int:
+        return self.block_side * self.downsample
+
+    @property
+    def supported_sizes(self) -> list[tuple[int, int]]:
+        return [s for s in OFFICIAL_SIZES if s[0] % self.block_pixels == 0 and s[1] % self.block_pixels == 0]
+
+    def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptTokens:
+        return self.codec.encode_prompt(prompt, negative_prompt)
+
+    def check_size(self, height: int, width: int) -> None:
+        bp = self.block_pixels
+        for v, what in ((height, "height"), (width, "width")):
+            if not isinstance(v, int) or v <= 0 or v % bp:
+                raise BitDanceError(f"{what} {v} is not supported: it must be a positive multiple of {bp} px for this "
+                                    f"{self.parallel_num}-token-per-step model (e.g. {', '.join(f'{h}x{w}' for h, w in self.supported_sizes[:4])})")
+        self.codec.image_prefix(height // self.downsample, width // self.downsample, self.parallel_num)
+        if (height, width) not in OFFICIAL_SIZES:
+            warnings.warn(f"{height}x{width} is not one of the official BitDance sizes; it runs, but quality is not guaranteed")
+
+    @torch.no_grad()
+    def generate(self, prompt: PromptTokens | str, height: int = 1024, width: int = 1024, steps: int = 50,
+                 cfg: float = 7.5, num_images: int = 1, seed: int = 0, negative_prompt: str | None = None,
+                 sampler: str = "euler_maruyama", callback: Callback | None = None) -> torch.Tensor:
+        """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32)."""
+        if isinstance(prompt, str):
+            prompt = self.encode_prompt(prompt, negative_prompt)
+        require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
+        require(isinstance(cfg, (int, float)) and cfg >= 0, f"cfg (guidance scale) must be >= 0, got {cfg}")
+        require(isinstance(num_images, int) and num_images >= 1, f"num_images must be an integer >= 1, got {num_images}")
+        require(sampler in SAMPLERS, f"sampler '{sampler}' unknown; choose one of {sorted(SAMPLERS)}")
+        self.check_size(height, width)
+
+        dev, P, B = self.device, self.parallel_num, num_images
+        lat_h, lat_w = height // self.downsample, width // self.downsample
+        n_blocks = lat_h * lat_w // P
+        guided = cfg > 1.0
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+
+        prefix = self.codec.image_prefix(lat_h, lat_w, P)
+        branches = [list(prompt.cond_ids) + prefix] + ([list(prompt.uncond_ids) + prefix] if guided else [])
+        rows = [seq for seq in branches for _ in range(B)]
+        pads = [max(map(len, rows)) - len(r) for r in rows]
+        L = len(rows[0]) + pads[0]  # common prefix length
+        R = len(rows)
+
+        cache = KVCache(self.backbone.config, R, L + (n_blocks - 1) * P, self.backbone.dtype, dev)
+        pad_t = torch.tensor(pads, device=dev)
+        ar = torch.arange(L, device=dev)
+        valid = ar[None, :] >= pad_t[:, None]  # [R, L] real (non-padding) cache slots
+        ids = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], device=dev)
+        pos = (ar[None, :] - pad_t[:, None]).clamp_min(0)
+
+        # Prefill: causal over the prompt, vision_start, res_h; the last P tokens form block 0
+        # (res_w and the queries): bidirectional among themselves, seeing the whole prefix.
+        causal = ar[:, None] >= ar[None, :]
+        causal[L - P:, L - P:] = True
+        mask = causal[None] & valid[:, None, :]
+        mask |= torch.eye(L, dtype=torch.bool, device=dev)[None]  # padding rows see themselves (finite, unused)
+        hidden = self.backbone(self.backbone.embed(ids), pos, cache, 0, mask[:, None])[:, -P:]
+
+        pos_table = sincos_2d_blocks(self.backbone.config.hidden_size, lat_h, lat_w, self.block_side).to(dev)
+        next_pos = pos[:, -1:] + 1  # per row: the RoPE position of the next image token
+        sample = SAMPLERS[sampler]
+        net = self.head.net
+        out_blocks = []
+        for s in range(n_blocks):
+            pe = pos_table[s * P:(s + 1) * P]
+            cond = hidden.to(torch.float32) + pe
+            pred = sample(net, cond, cfg, steps, gen, x_dim=self.latent_channels, **(
+                {"time_shift": self.head.config.time_shift} if sampler == "euler_maruyama" else {}))
+            bits = torch.sign(pred)
+            out_blocks.append(bits[:B])
+            if callback is not None:
+                callback(s, n_blocks, self._partial(out_blocks, lat_h, lat_w))
+            if s == n_blocks - 1:
+                break
+            start = L + s * P
+            inp = self.projector(bits).to(torch.float32) + pe
+            key_ok = torch.cat([valid, torch.ones(R, start - L + P, dtype=torch.bool, device=dev)], dim=1)
+            step_pos = next_pos + torch.arange(P, device=dev)[None]
+            hidden = self.backbone(inp, step_pos, cache, start, key_ok[:, None, None, :] if any(pads) else True)
+            next_pos = next_pos + P
+        tokens = torch.cat(out_blocks, dim=1)
+        return blocks_to_raster(tokens, lat_h, lat_w, self.block_side).float()
+
+    def _partial(self, blocks, lat_h, lat_w) -> torch.Tensor:
+        done = torch.cat(blocks, dim=1)
+        full = torch.zeros(done.shape[0], lat_h * lat_w, done.shape[2], dtype=torch.float32, device=done.device)
+        full[:, :done.shape[1]] = done
+        return blocks_to_raster(full, lat_h, lat_w, self.block_side)
+
+    @torch.no_grad()
+    def decode(self, bits: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(bits.to(self.device))
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """The official conversion: clamp(127.5*x + 128, 0, 255), truncated; [B,3,H,W] -> [B,H,W,3] uint8."""
+    return torch.clamp(127.5 * pixels + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
+def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig):
+    """All four modules on the meta device (no memory): for strict loading and key checks."""
+    with torch.device("meta"):
+        return Qwen3Backbone(llm), DiffusionHead(head), Projector(ae.z_channels, llm.hidden_size), build_autoencoder(ae)
+
+
+def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdpa") -> T2IPipeline:
+    require(attention in ("sdpa", "flash"), f"attention '{attention}' unknown; use 'sdpa' or 'flash'")
+    files = ModelFiles.find(path)
+    llm_cfg = Qwen3Config.from_json(read_json(files.llm_config), files.llm_config)
+    head_cfg = HeadConfig.from_json(read_json(files.head_config), files.head_config)
+    ae_cfg = AutoencoderConfig.from_json(read_json(files.ae_config), files.ae_config)
+    require(head_cfg.ch_cond == llm_cfg.hidden_size,
+            f"{files.head_config}: ch_cond {head_cfg.ch_cond} must equal the backbone hidden_size {llm_cfg.hidden_size}")
+    require(head_cfg.ch_target == ae_cfg.z_channels,
+            f"{files.head_config}: ch_target {head_cfg.ch_target} must equal the tokenizer's z_channels {ae_cfg.z_channels}")
+    codec = load_prompt_codec(files.tokenizer_folder)
+    backbone, head, projector, ae = build_t2i_modules(llm_cfg, head_cfg, ae_cfg)
+    # Check every file before reading any weights: a bad shard should fail in a second, not after 30 GB.
+    from .checkpoints import check_keys
+    sources = [(backbone, open_sharded(files.llm_folder), "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS),
+               (head, open_safetensors([files.head_weights]), "diffusion head", ()),
+               (projector, open_safetensors([files.projector_weights]), "projector", ()),
+               (ae, open_safetensors([files.ae_weights]), "autoencoder", ())]
+    for module, src, what, ignore in sources:
+        check_keys(module, src, what, ignore)
+    for module, src, what, ignore in sources:
+        materialize(module, src, what, device, dtype, ignore)
+    backbone.set_attention(attention)
+    head.set_attention(attention)
+    return T2IPipeline(backbone, head, projector, ae, codec, device, name=os.path.basename(os.path.normpath(path)))
