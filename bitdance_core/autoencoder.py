@@ -174,10 +174,13 @@ class Decoder(nn.Module):
         self.norm_out = nn.GroupNorm(32, block_in, eps=1e-6)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
-    def forward(self, z, generator: torch.Generator | None = None):
-        std, mean = style_stats(z)
+    def forward(self, z, generator: torch.Generator | None = None, noise: torch.Tensor | None = None, style=None):
+        """`style` = (std, mean) of the whole latent (default: of `z`); `noise` = the GAN noise block
+        (default: drawn from `generator` in z's shape). Both are passed in when decoding tiles."""
+        std, mean = style_stats(z) if style is None else style
         if self.gan:
-            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            if noise is None:
+                noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z = torch.cat([z, noise], dim=1)
         x = self.conv_in(z)
         for blk in self.mid_block:
@@ -224,33 +227,134 @@ class BinaryAutoencoder(nn.Module):
         return torch.where(h > 0, one, -one)
 
     @torch.no_grad()
-    def decode(self, bits: torch.Tensor, generator: torch.Generator | None = None, chunk: int | None = None) -> torch.Tensor:
-        """Decode ±1 bits. `chunk` decodes that many images at a time (same result, less memory)."""
+    def decode(self, bits: torch.Tensor, generator: torch.Generator | None = None, chunk: int | None = None,
+               tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+        """Decode ±1 bits [B, z, h, w] -> pixels [B, 3, h*f, w*f].
+
+        chunk: decode that many images at a time (the same result, less memory).
+        tile: decode in overlapping square tiles of this many output pixels (a multiple of the
+        factor f), blended over `overlap` pixels (default tile/4). Approximate: every tile uses the
+        whole latent's style statistics and its slice of one noise draw, but its GroupNorms see only
+        the tile, so values near tile seams differ slightly from a whole decode (see tests).
+        A GAN decoder draws its noise once for the whole batch from `generator`, so chunked and
+        whole decodes see the same noise.
+        """
         require(bits.dim() == 4 and bits.shape[1] == self.config.z_channels,
                 f"bits must be [B, {self.config.z_channels}, h, w] for this tokenizer, got {list(bits.shape)}")
+        require(chunk is None or (isinstance(chunk, int) and chunk >= 1), f"chunk must be an integer >= 1, got {chunk}")
         bits = bits.to(self._param_dtype())
-        if chunk is None or chunk >= bits.shape[0]:
-            return self.decoder(bits, generator)
-        return torch.cat([self.decoder(bits[i:i + chunk], generator) for i in range(0, bits.shape[0], chunk)])
+        noise = None
+        if self.config.gan_decoder:
+            noise = torch.randn(bits.shape, generator=generator, device=bits.device, dtype=bits.dtype)
+        tiles = self._tile_plan(bits.shape[-2:], tile, overlap)
+        step = bits.shape[0] if chunk is None else chunk
+        outs = []
+        for i in range(0, bits.shape[0], step):
+            b = bits[i:i + step]
+            n = None if noise is None else noise[i:i + step]
+            outs.append(self.decoder(b, noise=n) if tiles is None else self._decode_tiles(b, n, tiles))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _tile_plan(self, hw, tile, overlap):
+        """Latent windows [(y0, y1, x0, x1)] and the blend width in latent cells; None: no tiling."""
+        if tile is None:
+            return None
+        f = self.downsample
+        require(isinstance(tile, int) and tile >= f and tile % f == 0,
+                f"tile {tile} must be a positive multiple of the tokenizer's factor {f} (output pixels)")
+        t = tile // f
+        ov = (t // 4) if overlap is None else overlap // f
+        require(overlap is None or (isinstance(overlap, int) and overlap >= 0 and overlap % f == 0),
+                f"overlap {overlap} must be a multiple of the tokenizer's factor {f} (output pixels), >= 0")
+        require(ov < t, f"overlap {overlap} must be smaller than the tile {tile}")
+        h, w = int(hw[0]), int(hw[1])
+        if h <= t and w <= t:
+            return None
+
+        def starts(n):
+            if n <= t:
+                return [0]
+            out = list(range(0, n - t, t - ov)) + [n - t]
+            return sorted(set(out))
+
+        return [(y, min(y + t, h), x, min(x + t, w)) for y in starts(h) for x in starts(w)], ov
+
+    def _decode_tiles(self, bits, noise, plan):
+        windows, ov = plan
+        f = self.downsample
+        style = style_stats(bits)
+        b, _, h, w = bits.shape
+        out = None
+        weight = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32, device=bits.device)
+        for y0, y1, x0, x1 in windows:
+            n = None if noise is None else noise[:, :, y0:y1, x0:x1]
+            px = self.decoder(bits[:, :, y0:y1, x0:x1], noise=n, style=style).float()
+            if out is None:
+                out = torch.zeros(b, px.shape[1], h * f, w * f, dtype=torch.float32, device=bits.device)
+            ramp_y = _ramp(y1 - y0, ov * f, f, y0 > 0, y1 < h, bits.device)
+            ramp_x = _ramp(x1 - x0, ov * f, f, x0 > 0, x1 < w, bits.device)
+            m = ramp_y[:, None] * ramp_x[None, :]
+            out[:, :, y0 * f:y1 * f, x0 * f:x1 * f] += px * m
+            weight[:, :, y0 * f:y1 * f, x0 * f:x1 * f] += m
+        return (out / weight).to(self._param_dtype())
 
 
-def find_autoencoder_files(path: str) -> tuple[str, str]:
-    """(config json, safetensors) for a model folder, a diffusers folder, or a BitDance-Tokenizer file."""
+def _ramp(n_cells: int, width: int, f: int, rise: bool, fall: bool, device) -> torch.Tensor:
+    """Blend weights along one side of a tile: linear over `width` px where a neighbour overlaps."""
+    n = n_cells * f
+    r = torch.ones(n, dtype=torch.float32, device=device)
+    if width > 0:
+        up = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
+        if rise:
+            r[:width] = torch.minimum(r[:width], up)
+        if fall:
+            r[n - width:] = torch.minimum(r[n - width:], up.flip(0))
+    return r
+
+
+def config_from_shapes(shapes: dict, origin: str = "autoencoder") -> AutoencoderConfig:
+    """The ddconfig (and GAN flag) a bare `encoder.*` / `decoder.*` state dict was built with."""
+    def get(key):
+        if key not in shapes:
+            raise BitDanceError(f"{origin}: key '{key}' is missing; this is not a BitDance binary tokenizer")
+        return tuple(shapes[key])
+
+    levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("decoder.up.")})
+    require(levels == list(range(len(levels))) and levels, f"{origin}: no decoder.up.<level> keys; not a BitDance tokenizer")
+    nrb = len({k.split(".")[4] for k in shapes if k.startswith("decoder.up.0.block.")})
+    ch = get("encoder.conv_in.weight")[0] if "encoder.conv_in.weight" in shapes else get("decoder.up.0.block.0.conv1.weight")[0]
+    mult = []
+    for i in levels:
+        cout = get(f"decoder.up.{i}.block.0.conv1.weight")[0]
+        require(cout % ch == 0, f"{origin}: decoder level {i} has {cout} channels, not a multiple of ch {ch}")
+        mult.append(cout // ch)
+    z = get("decoder.adaptive.0.gamma.weight")[1]
+    cin = get("decoder.conv_in.weight")[1]
+    require(cin in (z, 2 * z), f"{origin}: decoder.conv_in takes {cin} channels, expected {z} (plain) or {2 * z} (GAN)")
+    in_ch = get("encoder.conv_in.weight")[1] if "encoder.conv_in.weight" in shapes else 3
+    return AutoencoderConfig(ch=ch, ch_mult=tuple(mult), num_res_blocks=nrb, z_channels=z, in_channels=in_ch,
+                             out_ch=get("decoder.conv_out.weight")[0], gan_decoder=cin == 2 * z)
+
+
+def find_autoencoder_files(path: str) -> tuple[str | None, str]:
+    """(config json or None, weights) for a model folder, a diffusers folder, a BitDance-Tokenizer
+    `ae_*.safetensors` (config `ae_*_config.json` beside it) or an ImageNet `ae_*.pt`.
+    Without a config file the ddconfig is read from the tensor shapes."""
     if os.path.isdir(path):
         for cfg, w in (("ae_config.json", "ae.safetensors"),
                        (os.path.join("autoencoder", "config.json"), os.path.join("autoencoder", "diffusion_pytorch_model.safetensors"))):
             if os.path.isfile(os.path.join(path, cfg)):
                 return os.path.join(path, cfg), os.path.join(path, w)
         raise BitDanceError(f"{path}: no ae_config.json (official layout) or autoencoder/config.json (diffusers layout)")
-    if path.endswith(".safetensors"):
-        cfg = path[: -len(".safetensors")] + "_config.json"
-        if not os.path.isfile(cfg):
-            cfg2 = os.path.join(os.path.dirname(path), "ae_config.json")
-            if os.path.isfile(cfg2):
-                return cfg2, path
-            raise BitDanceError(f"{path}: its config {cfg} is missing (BitDance-Tokenizer ships ae_<name>_config.json beside each ae_<name>.safetensors)")
-        return cfg, path
-    raise BitDanceError(f"{path}: expected a folder with ae_config.json or an ae_*.safetensors file")
+    stem, ext = os.path.splitext(path)
+    if ext in (".safetensors", ".pt", ".pth", ".ckpt"):
+        if not os.path.isfile(path):
+            raise BitDanceError(f"missing file: {path}")
+        for cfg in (stem + "_config.json", os.path.join(os.path.dirname(path), "ae_config.json")):
+            if os.path.isfile(cfg):
+                return cfg, path
+        return None, path
+    raise BitDanceError(f"{path}: expected a folder with ae_config.json, an ae_*.safetensors file or an ae_*.pt file")
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> BinaryAutoencoder:
@@ -258,10 +362,33 @@ def build_autoencoder(cfg: AutoencoderConfig) -> BinaryAutoencoder:
         return BinaryAutoencoder(cfg)
 
 
+def tokenizer_source(path: str):
+    """The bare `encoder.*` / `decoder.*` tensors of a tokenizer file (safetensors or .pt)."""
+    from .checkpoints import load_pt, open_safetensors, source_from_state_dict
+
+    if path.endswith(".safetensors"):
+        src = open_safetensors([path])
+    else:
+        obj = load_pt(path)
+        sd = next((obj[k] for k in ("state_dict", "ema", "model") if isinstance(obj.get(k), dict)), obj)
+        src = source_from_state_dict(sd, path)
+    for prefix in ("vae.", "runtime_model.", "autoencoder."):  # a whole ImageNet model, or a diffusers wrapper
+        if not any(k.startswith(("encoder.", "decoder.")) for k in src.keys()) and any(k.startswith(prefix) for k in src.keys()):
+            src = src.with_prefix_stripped(prefix)
+    # .pt: like the official loader (strict=False for ae_*.pt), keys outside encoder/decoder are not
+    # ours and are left alone; safetensors files are checked strictly.
+    extra = [] if path.endswith(".safetensors") else [k for k in src.keys() if not k.startswith(("encoder.", "decoder."))]
+    return src, extra
+
+
 def load_autoencoder(path: str, device="cpu", dtype=torch.float32) -> BinaryAutoencoder:
-    from .checkpoints import materialize, open_safetensors, read_json
+    from .checkpoints import materialize, read_json
 
     cfg_path, weights = find_autoencoder_files(path)
-    cfg = AutoencoderConfig.from_json(read_json(cfg_path), cfg_path)
+    src, extra = tokenizer_source(weights)
+    if cfg_path is not None:
+        cfg = AutoencoderConfig.from_json(read_json(cfg_path), cfg_path)
+    else:
+        cfg = config_from_shapes(src.shapes, weights)
     ae = build_autoencoder(cfg)
-    return materialize(ae, open_safetensors([weights]), "autoencoder", device, dtype)
+    return materialize(ae, src, "autoencoder", device, dtype, ignore=extra)

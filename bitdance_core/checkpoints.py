@@ -72,6 +72,7 @@ def open_safetensors(paths: Iterable[str]) -> TensorSource:
     for path in paths:
         if not os.path.isfile(path):
             raise BitDanceError(f"missing file: {path}")
+        _check_size(path)
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for k in f.keys():
@@ -81,7 +82,6 @@ def open_safetensors(paths: Iterable[str]) -> TensorSource:
             raise
         except Exception as e:
             raise BitDanceError(f"{path}: not a readable safetensors file ({e}); it is truncated or not safetensors, download it again") from e
-        _check_size(path)
     return src
 
 
@@ -92,6 +92,8 @@ def _check_size(path: str) -> None:
         if len(head) < 8:
             raise BitDanceError(f"{path}: truncated safetensors file (no header)")
         n = int.from_bytes(head, "little")
+        if n > os.path.getsize(path) - 8:
+            raise BitDanceError(f"{path}: truncated safetensors file: its header alone would be {n} bytes; download it again")
         try:
             header = json.loads(fh.read(n))
         except Exception as e:

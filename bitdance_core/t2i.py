@@ -100,7 +100,8 @@ class T2IPipeline:
     @torch.no_grad()
     def generate(self, prompt: PromptTokens | str, height: int = 1024, width: int = 1024, steps: int = 50,
                  cfg: float = 7.5, num_images: int = 1, seed: int = 0, negative_prompt: str | None = None,
-                 sampler: str = "euler_maruyama", callback: Callback | None = None) -> torch.Tensor:
+                 sampler: str = "euler_maruyama", callback: Callback | None = None,
+                 batched_cfg: bool = True) -> torch.Tensor:
         """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32)."""
         if isinstance(prompt, str):
             prompt = self.encode_prompt(prompt, negative_prompt)
@@ -119,47 +120,31 @@ class T2IPipeline:
         prefix = self.codec.image_prefix(lat_h, lat_w, P)
         branches = [list(prompt.cond_ids) + prefix] + ([list(prompt.uncond_ids) + prefix] if guided else [])
         rows = [seq for seq in branches for _ in range(B)]
-        pads = [max(map(len, rows)) - len(r) for r in rows]
-        L = len(rows[0]) + pads[0]  # common prefix length
-        R = len(rows)
-
-        cache = KVCache(self.backbone.config, R, L + (n_blocks - 1) * P, self.backbone.dtype, dev)
-        pad_t = torch.tensor(pads, device=dev)
-        ar = torch.arange(L, device=dev)
-        valid = ar[None, :] >= pad_t[:, None]  # [R, L] real (non-padding) cache slots
-        ids = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], device=dev)
-        pos = (ar[None, :] - pad_t[:, None]).clamp_min(0)
-
-        # Prefill: causal over the prompt, vision_start, res_h; the last P tokens form block 0
-        # (res_w and the queries): bidirectional among themselves, seeing the whole prefix.
-        causal = ar[:, None] >= ar[None, :]
-        causal[L - P:, L - P:] = True
-        mask = causal[None] & valid[:, None, :]
-        mask |= torch.eye(L, dtype=torch.bool, device=dev)[None]  # padding rows see themselves (finite, unused)
-        hidden = self.backbone(self.backbone.embed(ids), pos, cache, 0, mask[:, None])[:, -P:]
+        # Batched guidance: one backbone pass over [cond; uncond]. Otherwise (the official way,
+        # kept as the benchmark baseline) one pass per branch.
+        groups = [rows] if batched_cfg else [rows[i:i + B] for i in range(0, len(rows), B)]
+        runs = [BackboneRun(self.backbone, g, P, n_blocks, dev) for g in groups]
+        hidden = torch.cat([r.prefill() for r in runs])
 
         pos_table = sincos_2d_blocks(self.backbone.config.hidden_size, lat_h, lat_w, self.block_side).to(dev)
-        next_pos = pos[:, -1:] + 1  # per row: the RoPE position of the next image token
         sample = SAMPLERS[sampler]
-        net = self.head.net
+        extra = {"time_shift": self.head.config.time_shift} if sampler == "euler_maruyama" else {}
         out_blocks = []
         for s in range(n_blocks):
             pe = pos_table[s * P:(s + 1) * P]
-            cond = hidden.to(torch.float32) + pe
-            pred = sample(net, cond, cfg, steps, gen, x_dim=self.latent_channels, **(
-                {"time_shift": self.head.config.time_shift} if sampler == "euler_maruyama" else {}))
+            pred = sample(self.head.net, hidden.to(torch.float32) + pe, cfg, steps, gen, x_dim=self.latent_channels, **extra)
             bits = torch.sign(pred)
             out_blocks.append(bits[:B])
             if callback is not None:
                 callback(s, n_blocks, self._partial(out_blocks, lat_h, lat_w))
             if s == n_blocks - 1:
-                break
-            start = L + s * P
+                break  # the backbone pass after the last block would be unused
             inp = self.projector(bits).to(torch.float32) + pe
-            key_ok = torch.cat([valid, torch.ones(R, start - L + P, dtype=torch.bool, device=dev)], dim=1)
-            step_pos = next_pos + torch.arange(P, device=dev)[None]
-            hidden = self.backbone(inp, step_pos, cache, start, key_ok[:, None, None, :] if any(pads) else True)
-            next_pos = next_pos + P
+            hidden, i = [], 0
+            for r in runs:
+                hidden.append(r.step(inp[i:i + r.rows]))
+                i += r.rows
+            hidden = torch.cat(hidden)
         tokens = torch.cat(out_blocks, dim=1)
         return blocks_to_raster(tokens, lat_h, lat_w, self.block_side).float()
 
@@ -172,6 +157,48 @@ class T2IPipeline:
     @torch.no_grad()
     def decode(self, bits: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(bits.to(self.device))
+
+
+class BackboneRun:
+    """The backbone state of a group of rows: one KV cache, per-row left padding and positions."""
+
+    def __init__(self, backbone: Qwen3Backbone, rows: list[list[int]], P: int, n_blocks: int, dev):
+        self.backbone, self.P, self.rows = backbone, P, len(rows)
+        pads = [max(map(len, rows)) - len(r) for r in rows]
+        self.L = L = len(rows[0]) + pads[0]  # common prefix length
+        self.padded = any(pads)
+        self.cache = KVCache(backbone.config, len(rows), L + (n_blocks - 1) * P, backbone.dtype, dev)
+        pad_t = torch.tensor(pads, device=dev)
+        ar = torch.arange(L, device=dev)
+        self.valid = ar[None, :] >= pad_t[:, None]  # [rows, L] real (non-padding) cache slots
+        self.ids = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], device=dev)
+        self.pos = (ar[None, :] - pad_t[:, None]).clamp_min(0)
+        self.next_pos = self.pos[:, -1:] + 1  # per row: the RoPE position of the next image token
+        self.filled = L
+
+    def prefill(self) -> torch.Tensor:
+        """Causal over the prompt, vision_start and res_h; the last P tokens (res_w and the queries)
+        form block 0: bidirectional among themselves, seeing the whole prefix. Returns its hidden."""
+        L, P, dev = self.L, self.P, self.ids.device
+        ar = torch.arange(L, device=dev)
+        causal = ar[:, None] >= ar[None, :]
+        causal[L - P:, L - P:] = True
+        mask = causal[None] & self.valid[:, None, :]
+        mask |= torch.eye(L, dtype=torch.bool, device=dev)[None]  # padding rows see themselves (finite, unused)
+        return self.backbone(self.backbone.embed(self.ids), self.pos, self.cache, 0, mask[:, None])[:, -P:]
+
+    def step(self, inp: torch.Tensor) -> torch.Tensor:
+        """One block of P image tokens: sees the whole cache and itself."""
+        P, start = self.P, self.filled
+        mask = True
+        if self.padded:
+            ones = torch.ones(self.rows, start - self.L + P, dtype=torch.bool, device=inp.device)
+            mask = torch.cat([self.valid, ones], dim=1)[:, None, None, :]
+        pos = self.next_pos + torch.arange(P, device=inp.device)[None]
+        hidden = self.backbone(inp, pos, self.cache, start, mask)
+        self.next_pos = self.next_pos + P
+        self.filled += P
+        return hidden
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,29 @@
+"""Where the shared fixtures and docs live (beside the checkout, as in CI)."""
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("BITDANCE_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
+FIXTURES = os.path.join(SHARED, "fixtures")
+DOCS = os.path.join(SHARED, "docs")
+
+
+def fixture_dirs(prefix: str) -> list[str]:
+    """Every fixture of one kind (the public ones and any others of the same kind placed beside them)."""
+    if not os.path.isdir(FIXTURES):
+        return []
+    return sorted(os.path.join(FIXTURES, d) for d in os.listdir(FIXTURES) if d.startswith(prefix))
+
+
+def official_keys() -> dict[str, dict[str, tuple]]:
+    """official-state-dict-keys.txt -> {section name: {key: shape}}."""
+    out, cur = {}, None
+    with open(os.path.join(DOCS, "official-state-dict-keys.txt")) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("#####"):
+                cur = out.setdefault(line.split()[1], {})
+            elif line.strip() and cur is not None:
+                key, shape = line.split("\t")
+                out_shape = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+                cur[key] = out_shape
+    return out

@@ -1,0 +1,59 @@
+"""The official text-to-image fixtures, reproduced through the CLI on the CPU in float32."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from paths import REPO, fixture_dirs
+
+CASES = [(fx, c) for fx in fixture_dirs("t2i-") for c in sorted(os.listdir(fx))
+         if os.path.isfile(os.path.join(fx, c, "params.json"))]
+
+
+def blocks_to_raster(tokens: np.ndarray, h: int, w: int, ps: int) -> np.ndarray:
+    """Fixture layout [B, h*w, C] '(h w p1 p2)' -> [B, C, h, w] (written independently of the engine)."""
+    b, n, c = tokens.shape
+    return tokens.reshape(b, h // ps, w // ps, ps, ps, c).transpose(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "bitdance_core", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("fixture,case", CASES, ids=[f"{os.path.basename(f)}/{c}" for f, c in CASES])
+def test_t2i_fixture_through_cli(fixture, case, tmp_path):
+    p = json.load(open(os.path.join(fixture, case, "params.json")))
+    pix, tok = tmp_path / "p.npy", tmp_path / "t.npy"
+    r = run_cli("t2i", "--model", os.path.join(fixture, "model"), "--prompt", p["prompt"],
+                "--height", str(p["height"]), "--width", str(p["width"]), "--steps", str(p["num_sampling_steps"]),
+                "--cfg", str(p["guidance_scale"]), "--num-images", str(p["num_images"]), "--seed", str(p["seed"]),
+                "--device", "cpu", "--dtype", "float32", "--pixels-npy", str(pix), "--tokens-npy", str(tok),
+                "--out", str(tmp_path / "img.png"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    h, w = p["latent_grid_hw"]
+    ref_tokens = blocks_to_raster(np.load(os.path.join(fixture, case, "tokens.npy")), h, w, p["patch_side_ps"])
+    tokens = np.load(tok)
+    assert tokens.dtype == np.float32 and tokens.shape == ref_tokens.shape
+    mismatched = int((tokens != ref_tokens).sum())
+    assert mismatched == 0, f"{mismatched} of {tokens.size} bits differ from the official tokens"
+    pixels, ref_pixels = np.load(pix), np.load(os.path.join(fixture, case, "image.npy"))
+    assert pixels.dtype == np.uint8 and pixels.shape == ref_pixels.shape
+    diff = np.abs(pixels.astype(int) - ref_pixels.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001, f"max {diff.max()}, {(diff > 0).sum()} values off"
+    n = p["num_images"]
+    pngs = [tmp_path / "img.png"] if n == 1 else [tmp_path / f"img_{i}.png" for i in range(n)]
+    assert all(f.is_file() for f in pngs)
+    assert "blocks" in r.stderr  # the progress bar
+
+
+def test_cli_reports_bad_size_clearly(tmp_path):
+    fx = fixture_dirs("t2i-tiny-p16")[0]
+    r = run_cli("t2i", "--model", os.path.join(fx, "model"), "--prompt", "a cat", "--height", "100", "--width", "256",
+                "--steps", "2", "--cfg", "1", "--num-images", "1", "--seed", "0", "--device", "cpu")
+    assert r.returncode == 2
+    assert "height 100" in r.stderr and "multiple of 64" in r.stderr

@@ -1,0 +1,193 @@
+"""Pipeline behaviours on the tiny official-layout model: guidance batching, negative prompts,
+callbacks and cancel, layouts (diffusers, sharded), dtypes, and clear errors for bad input."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bitdance_core import BitDanceError, load_t2i
+from paths import fixture_dirs
+
+MODEL = os.path.join(fixture_dirs("t2i-tiny-p16")[0], "model")
+CASE1 = os.path.join(os.path.dirname(MODEL), "case1_cfg7.5_seed42")
+PROMPT = "A red fox sitting in a snowy forest at sunrise"
+ARGS = dict(height=256, width=256, steps=4, cfg=7.5, num_images=1, seed=42)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_t2i(MODEL)
+
+
+def official_case1_bits(pipe):
+    from bitdance_core.positions import blocks_to_raster
+
+    return blocks_to_raster(torch.from_numpy(np.load(os.path.join(CASE1, "tokens.npy"))), 16, 16, 4)
+
+
+def test_batched_guidance_equals_separate_passes(pipe):
+    batched = pipe.generate(PROMPT, **ARGS)
+    separate = pipe.generate(PROMPT, **ARGS, batched_cfg=False)
+    assert torch.equal(batched, separate)
+    assert torch.equal(batched, official_case1_bits(pipe))
+
+
+def test_negative_prompt_of_another_length(pipe):
+    neg = pipe.encode_prompt(PROMPT, "a blurry dark photo with text and many words in it")
+    assert len(neg.uncond_ids) != len(neg.cond_ids)
+    a = pipe.generate(neg, **ARGS)
+    b = pipe.generate(neg, **ARGS, batched_cfg=False)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, pipe.generate(PROMPT, **ARGS))  # the negative prompt changes the image
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_batch_of_images_and_seeds(pipe):
+    two = pipe.generate(PROMPT, **{**ARGS, "num_images": 2})
+    assert two.shape == (2, 32, 16, 16)
+    assert not torch.equal(two[0], two[1])
+    assert torch.equal(pipe.generate(PROMPT, **ARGS), pipe.generate(PROMPT, **ARGS))  # same seed, same bits
+    assert not torch.equal(pipe.generate(PROMPT, **ARGS), pipe.generate(PROMPT, **{**ARGS, "seed": 43}))
+
+
+def test_callback_sees_every_block_and_can_cancel(pipe):
+    seen = []
+    bits = pipe.generate(PROMPT, **ARGS, callback=lambda s, n, b: seen.append((s, n, b.clone())))
+    assert [s for s, _, _ in seen] == list(range(16)) and all(n == 16 for _, n, _ in seen)
+    assert (seen[0][2] != 0).sum() == 16 * 32  # block 0 filled, the rest still zero
+    assert torch.equal(seen[-1][2], bits)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(s, n, b):
+        if s == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        pipe.generate(PROMPT, **ARGS, callback=stop_at_3)
+    assert torch.equal(pipe.generate(PROMPT, **ARGS), bits)  # the pipeline is fine after a cancel
+
+
+def test_euler_sampler_runs(pipe):
+    bits = pipe.generate(PROMPT, **ARGS, sampler="euler")
+    assert set(bits.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_bfloat16_on_cpu(pipe):
+    p16 = load_t2i(MODEL, dtype=torch.bfloat16)
+    assert p16.backbone.dtype == torch.bfloat16
+    bits = p16.generate(PROMPT, **ARGS)
+    agree = (bits == pipe.generate(PROMPT, **ARGS)).float().mean().item()
+    assert bits.shape == (1, 32, 16, 16) and agree > 0.6  # same model, lower precision: mostly the same bits
+
+
+def test_diffusers_layout_and_sharded_backbone(tmp_path, pipe):
+    d = tmp_path / "diffusers"
+    for sub, files in {"tokenizer": ["tokenizer.json", "tokenizer_config.json"], "text_encoder": ["config.json"]}.items():
+        (d / sub).mkdir(parents=True)
+        for f in files:
+            shutil.copy(os.path.join(MODEL, f), d / sub / f)
+    sd = load_file(os.path.join(MODEL, "model.safetensors"))
+    keys = sorted(sd)
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    index = {"metadata": {}, "weight_map": {}}
+    for i, part in enumerate(halves):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(d / "text_encoder" / name))
+        index["weight_map"].update({k: name for k in part})
+    (d / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for sub, cfg, w in (("autoencoder", "ae_config.json", "ae.safetensors"),
+                        ("diffusion_head", "vision_head_config.json", "vision_head.safetensors"),
+                        ("projector", None, "projector.safetensors")):
+        (d / sub).mkdir()
+        if cfg:
+            c = json.load(open(os.path.join(MODEL, cfg))) | {"_class_name": "X", "_diffusers_version": "0.36.0"}
+            (d / sub / "config.json").write_text(json.dumps(c))
+        shutil.copy(os.path.join(MODEL, w), d / sub / "diffusion_pytorch_model.safetensors")
+    other = load_t2i(str(d))
+    assert torch.equal(other.generate(PROMPT, **ARGS), official_case1_bits(pipe))
+
+
+# ---- bad input: one clear error each -----------------------------------------------------------
+
+def copy_model(tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(MODEL, dst)
+    return dst
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=100), "height 100 is not supported: it must be a positive multiple of 64"),
+    (dict(width=0), "width 0 is not supported"),
+    (dict(height=4096, width=256), r"no <\|res_256\|> token"),
+    (dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (dict(cfg=-1.0), "cfg .* must be >= 0, got -1.0"),
+    (dict(num_images=0), "num_images must be an integer >= 1, got 0"),
+])
+def test_bad_arguments(pipe, kwargs, match):
+    with pytest.raises(BitDanceError, match=match):
+        pipe.generate(PROMPT, **{**ARGS, **kwargs})
+
+
+def test_empty_prompt(pipe):
+    with pytest.raises(BitDanceError, match="prompt is empty"):
+        pipe.generate("", **ARGS)
+
+
+def test_missing_file(tmp_path):
+    m = copy_model(tmp_path)
+    os.remove(m / "projector.safetensors")
+    with pytest.raises(BitDanceError, match="missing file: .*projector.safetensors"):
+        load_t2i(str(m))
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(BitDanceError, match="not a BitDance model folder"):
+        load_t2i(str(tmp_path))
+
+
+def test_truncated_safetensors(tmp_path):
+    m = copy_model(tmp_path)
+    f = m / "vision_head.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BitDanceError, match="vision_head.safetensors: truncated safetensors file"):
+        load_t2i(str(m))
+
+
+def test_wrong_shape(tmp_path):
+    m = copy_model(tmp_path)
+    sd = load_file(str(m / "projector.safetensors"))
+    sd["fc1.weight"] = torch.zeros(64, 16)
+    save_file(sd, str(m / "projector.safetensors"))
+    with pytest.raises(BitDanceError, match=r"key 'fc1.weight' has shape \[64, 16\], expected \[64, 32\]"):
+        load_t2i(str(m))
+
+
+def test_missing_key(tmp_path):
+    m = copy_model(tmp_path)
+    sd = load_file(str(m / "ae.safetensors"))
+    del sd["decoder.conv_out.bias"]
+    save_file(sd, str(m / "ae.safetensors"))
+    with pytest.raises(BitDanceError, match=r"ae.safetensors: .*missing keys \['decoder.conv_out.bias'\]"):
+        load_t2i(str(m))
+
+
+def test_unknown_config_key(tmp_path):
+    m = copy_model(tmp_path)
+    cfg = json.load(open(m / "vision_head_config.json")) | {"depth_latnet": 3}
+    (m / "vision_head_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BitDanceError, match=r"vision_head_config.json: unknown config key\(s\) \['depth_latnet'\]"):
+        load_t2i(str(m))
+
+
+def test_lm_head_is_accepted_and_never_loaded(tmp_path):
+    m = copy_model(tmp_path)
+    sd = load_file(str(m / "model.safetensors"))
+    assert "lm_head.weight" in sd
+    p = load_t2i(str(m))
+    assert not any("lm_head" in k for k in p.backbone.state_dict())
