@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -33,20 +34,30 @@ class TensorSource:
         return self.shapes.keys()
 
     def read(self, key: str, device, dtype) -> torch.Tensor:
+        """One tensor, read straight to `device` (safetensors maps the file), then cast there."""
         if key in self.tensors:
-            t = self.tensors[key]
+            t = self.tensors[key].to(device)
         else:
-            from safetensors import safe_open
-
             path = self.files[key]
             try:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    t = f.get_tensor(key)
+                t = self._handle(path, device).get_tensor(key)
             except Exception as e:  # truncated data surfaces here
                 raise BitDanceError(f"{path}: cannot read tensor '{key}' ({e}); the file is damaged or incomplete, download it again") from e
-        if dtype is not None and t.is_floating_point():
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
-        return t.to(device)
+        return t
+
+    def _handle(self, path: str, device):
+        from safetensors import safe_open
+
+        handles = self.__dict__.setdefault("_handles", {})
+        key = (path, str(device))
+        if key not in handles:
+            handles[key] = safe_open(path, framework="pt", device=str(torch.device(device)))
+        return handles[key]
+
+    def close(self) -> None:
+        self.__dict__.pop("_handles", None)
 
     def with_prefix_stripped(self, prefix: str) -> "TensorSource":
         """The keys under `prefix`, renamed without it."""
@@ -151,6 +162,7 @@ def materialize(module: nn.Module, src: TensorSource, what: str, device, dtype, 
         want_dtype = torch.float32 if keep_fp32 is not None and keep_fp32(name) else dtype
         tensor = src.read(name, device, want_dtype)
         _assign(module, name, tensor)
+    src.close()
     return module.eval()
 
 
@@ -180,18 +192,39 @@ def read_json(path: str) -> dict:
 SAFE_GLOBALS = [argparse.Namespace]
 
 
+def _torch_load(path: str, mmap: bool):
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _refused(path: str, e: Exception) -> BitDanceError:
+    """Name what the pickle asked for (e.g. 'GLOBAL io.open'), without torch's advice to load unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: (GLOBAL [\w.]+)|Unsupported operand[^\n.]*|(unpickling[^\n]*)", text, re.I)
+    what = found.group(0) if found else text.strip().split("\n")[0][:200]
+    return BitDanceError(
+        f"{path}: refused to open: the pickle asks for something other than tensors and plain data ({what}), and "
+        "running it could execute arbitrary code. Only weights are loaded (torch.load weights_only=True); use the "
+        "official file, or re-save the checkpoint as a plain state dict or as safetensors")
+
+
 def load_pt(path: str) -> dict:
     """Open a torch pickle without running code: weights_only=True plus a small allow-list."""
     if not os.path.isfile(path):
         raise BitDanceError(f"missing file: {path}")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        msg = str(e).split("\n")[0]
-        raise BitDanceError(
-            f"{path}: refused to open: the pickle asks for something other than tensors and plain data ({msg}). "
-            "Only weights are loaded (torch.load weights_only=True); re-save the checkpoint as a state dict or safetensors") from e
+        obj = _torch_load(path, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise _refused(path, e) from e
+        try:  # the legacy (non-zip) format cannot be memory-mapped
+            obj = _torch_load(path, mmap=False)
+        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e2:
+            raise _refused(path, e2) from e2
+        except Exception as e2:
+            raise BitDanceError(f"{path}: not a readable torch checkpoint ({e2})") from e2
+    except (pickle.UnpicklingError, AttributeError, TypeError) as e:
+        raise _refused(path, e) from e
     except Exception as e:
         raise BitDanceError(f"{path}: not a readable torch checkpoint ({e})") from e
     if not isinstance(obj, Mapping):
