@@ -4,6 +4,7 @@ Self-contained (torch, safetensors, tokenizers); never imports ComfyUI.
 """
 from .autoencoder import BinaryAutoencoder, load_autoencoder as load_tokenizer
 from .errors import BitDanceError
+from .imagenet_classes import class_index, imagenet_class_names, parse_classes
 from .prompts import PromptTokens
 from .t2i import OFFICIAL_SIZES, T2IPipeline, load_t2i, to_uint8
 
@@ -14,5 +15,5 @@ def load_imagenet(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "PromptTokens", "T2IPipeline", "load_imagenet",
-           "load_t2i", "load_tokenizer", "to_uint8"]
+__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "PromptTokens", "T2IPipeline", "class_index",
+           "imagenet_class_names", "load_imagenet", "load_t2i", "load_tokenizer", "parse_classes", "to_uint8"]

@@ -174,10 +174,14 @@ class Decoder(nn.Module):
         self.norm_out = nn.GroupNorm(32, block_in, eps=1e-6)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
-    def forward(self, z, generator: torch.Generator | None = None, noise: torch.Tensor | None = None, style=None):
-        """`style` = (std, mean) of the whole latent (default: of `z`); `noise` = the GAN noise block
-        (default: drawn from `generator` in z's shape). Both are passed in when decoding tiles."""
-        std, mean = style_stats(z) if style is None else style
+    def forward(self, z, generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
+        """`noise`: the GAN decoder's noise block (default: drawn from `generator` in z's shape)."""
+        x = self.trunk(z, generator, noise, stop=0)
+        return self.conv_out(swish(self.norm_out(x)))
+
+    def trunk(self, z, generator=None, noise=None, stop: int = 0):
+        """conv_in, the mid blocks and the levels down to `stop` (its ResBlocks, not its upsampler)."""
+        std, mean = style_stats(z)
         if self.gan:
             if noise is None:
                 noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
@@ -185,13 +189,13 @@ class Decoder(nn.Module):
         x = self.conv_in(z)
         for blk in self.mid_block:
             x = blk(x)
-        for i in reversed(range(len(self.up))):
+        for i in reversed(range(stop, len(self.up))):
             x = self.adaptive[i](x, std, mean)
             for blk in self.up[i].block:
                 x = blk(x)
-            if i > 0:
+            if i > stop:
                 x = self.up[i].upsample(x)
-        return self.conv_out(swish(self.norm_out(x)))
+        return x
 
 
 class BinaryAutoencoder(nn.Module):
@@ -228,88 +232,35 @@ class BinaryAutoencoder(nn.Module):
 
     @torch.no_grad()
     def decode(self, bits: torch.Tensor, generator: torch.Generator | None = None, chunk: int | None = None,
-               tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+               tile: int | None = None) -> torch.Tensor:
         """Decode ±1 bits [B, z, h, w] -> pixels [B, 3, h*f, w*f].
 
         chunk: decode that many images at a time (the same result, less memory).
-        tile: decode in overlapping square tiles of this many output pixels (a multiple of the
-        factor f), blended over `overlap` pixels (default tile/4). Approximate: every tile uses the
-        whole latent's style statistics and its slice of one noise draw, but its GroupNorms see only
-        the tile, so values near tile seams differ slightly from a whole decode (see tests).
-        A GAN decoder draws its noise once for the whole batch from `generator`, so chunked and
-        whole decodes see the same noise.
+        tile: decode the high-resolution levels in tiles of about this many output pixels a side
+        (less GPU memory; see tiled_decode.py): equal to the whole decode up to float rounding.
+        A GAN decoder draws its noise once for the whole batch from `generator`, so chunked, tiled
+        and whole decodes see the same noise.
         """
         require(bits.dim() == 4 and bits.shape[1] == self.config.z_channels,
                 f"bits must be [B, {self.config.z_channels}, h, w] for this tokenizer, got {list(bits.shape)}")
         require(chunk is None or (isinstance(chunk, int) and chunk >= 1), f"chunk must be an integer >= 1, got {chunk}")
+        require(tile is None or (isinstance(tile, int) and tile >= 1), f"tile must be a positive number of pixels, got {tile}")
         bits = bits.to(self._param_dtype())
         noise = None
         if self.config.gan_decoder:
             noise = torch.randn(bits.shape, generator=generator, device=bits.device, dtype=bits.dtype)
-        tiles = self._tile_plan(bits.shape[-2:], tile, overlap)
         step = bits.shape[0] if chunk is None else chunk
         outs = []
         for i in range(0, bits.shape[0], step):
             b = bits[i:i + step]
             n = None if noise is None else noise[i:i + step]
-            outs.append(self.decoder(b, noise=n) if tiles is None else self._decode_tiles(b, n, tiles))
+            if tile is None:
+                outs.append(self.decoder(b, noise=n))
+            else:
+                from .tiled_decode import decode_tiled
+
+                outs.append(decode_tiled(self.decoder, b, n, tile))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def _tile_plan(self, hw, tile, overlap):
-        """Latent windows [(y0, y1, x0, x1)] and the blend width in latent cells; None: no tiling."""
-        if tile is None:
-            return None
-        f = self.downsample
-        require(isinstance(tile, int) and tile >= f and tile % f == 0,
-                f"tile {tile} must be a positive multiple of the tokenizer's factor {f} (output pixels)")
-        t = tile // f
-        ov = (t // 4) if overlap is None else overlap // f
-        require(overlap is None or (isinstance(overlap, int) and overlap >= 0 and overlap % f == 0),
-                f"overlap {overlap} must be a multiple of the tokenizer's factor {f} (output pixels), >= 0")
-        require(ov < t, f"overlap {overlap} must be smaller than the tile {tile}")
-        h, w = int(hw[0]), int(hw[1])
-        if h <= t and w <= t:
-            return None
-
-        def starts(n):
-            if n <= t:
-                return [0]
-            out = list(range(0, n - t, t - ov)) + [n - t]
-            return sorted(set(out))
-
-        return [(y, min(y + t, h), x, min(x + t, w)) for y in starts(h) for x in starts(w)], ov
-
-    def _decode_tiles(self, bits, noise, plan):
-        windows, ov = plan
-        f = self.downsample
-        style = style_stats(bits)
-        b, _, h, w = bits.shape
-        out = None
-        weight = torch.zeros(1, 1, h * f, w * f, dtype=torch.float32, device=bits.device)
-        for y0, y1, x0, x1 in windows:
-            n = None if noise is None else noise[:, :, y0:y1, x0:x1]
-            px = self.decoder(bits[:, :, y0:y1, x0:x1], noise=n, style=style).float()
-            if out is None:
-                out = torch.zeros(b, px.shape[1], h * f, w * f, dtype=torch.float32, device=bits.device)
-            ramp_y = _ramp(y1 - y0, ov * f, f, y0 > 0, y1 < h, bits.device)
-            ramp_x = _ramp(x1 - x0, ov * f, f, x0 > 0, x1 < w, bits.device)
-            m = ramp_y[:, None] * ramp_x[None, :]
-            out[:, :, y0 * f:y1 * f, x0 * f:x1 * f] += px * m
-            weight[:, :, y0 * f:y1 * f, x0 * f:x1 * f] += m
-        return (out / weight).to(self._param_dtype())
-
-
-def _ramp(n_cells: int, width: int, f: int, rise: bool, fall: bool, device) -> torch.Tensor:
-    """Blend weights along one side of a tile: linear over `width` px where a neighbour overlaps."""
-    n = n_cells * f
-    r = torch.ones(n, dtype=torch.float32, device=device)
-    if width > 0:
-        up = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
-        if rise:
-            r[:width] = torch.minimum(r[:width], up)
-        if fall:
-            r[n - width:] = torch.minimum(r[n - width:], up.flip(0))
-    return r
 
 
 def config_from_shapes(shapes: dict, origin: str = "autoencoder") -> AutoencoderConfig:

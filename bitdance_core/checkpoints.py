@@ -213,20 +213,17 @@ def load_pt(path: str) -> dict:
     if not os.path.isfile(path):
         raise BitDanceError(f"missing file: {path}")
     try:
-        obj = _torch_load(path, mmap=True)
-    except RuntimeError as e:
-        if "mmap can only be used" not in str(e):
-            raise _refused(path, e) from e
-        try:  # the legacy (non-zip) format cannot be memory-mapped
-            obj = _torch_load(path, mmap=False)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e2:
-            raise _refused(path, e2) from e2
-        except Exception as e2:
-            raise BitDanceError(f"{path}: not a readable torch checkpoint ({e2})") from e2
-    except (pickle.UnpicklingError, AttributeError, TypeError) as e:
-        raise _refused(path, e) from e
+        try:
+            obj = _torch_load(path, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            obj = _torch_load(path, mmap=False)  # the legacy (non-zip) format cannot be memory-mapped
     except Exception as e:
-        raise BitDanceError(f"{path}: not a readable torch checkpoint ({e})") from e
+        if isinstance(e, pickle.UnpicklingError) or "weights only" in str(e).lower():
+            raise _refused(path, e) from e
+        raise BitDanceError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:300]}); "
+                            "it is damaged or not a torch file, download it again") from e
     if not isinstance(obj, Mapping):
         raise BitDanceError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj)

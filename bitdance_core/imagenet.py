@@ -45,6 +45,18 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(a) * b)
 
 
+class Embedding(nn.Module):
+    """nn.Embedding's keys and lookup without its random init (normal_ on the meta device imports
+    torch._dynamo, which costs seconds)."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
+
+    def forward(self, ids):
+        return F.embedding(ids, self.weight)
+
+
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (2j, 2j+1) of x [B, T, H, D] by table [T, D/2, (cos, sin)], in float32."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
@@ -138,12 +150,12 @@ class ImageNetModel(nn.Module):
         if cfg.parallel_num > 1:
             self.query_token = nn.Parameter(torch.zeros(1, cfg.parallel_num - 1, cfg.dim))
         self.vae = BinaryAutoencoder(cfg.ae)
-        self.cls_embedding = nn.Embedding(cfg.num_classes + 1, cfg.dim * cfg.cls_token_num)
+        self.cls_embedding = Embedding(cfg.num_classes + 1, cfg.dim * cfg.cls_token_num)
         self.proj_in = SwiGLU(cfg.token_dim, int(1.5 * cfg.dim), cfg.dim, bias=True)
         self.emb_norm = RMSNorm(cfg.dim)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.norm = RMSNorm(cfg.dim)
-        self.pos_for_diff = nn.Embedding(cfg.grid * cfg.grid, cfg.dim)
+        self.pos_for_diff = Embedding(cfg.grid * cfg.grid, cfg.dim)
         self.head = DiffusionHead(cfg.head_config())
         self._rope = None
 
@@ -217,9 +229,10 @@ def with_vae(src: TensorSource, vae: str) -> TensorSource:
 
 
 def resolve_config(src: TensorSource, checkpoint: str, config) -> ImageNetConfig:
-    cfg = config_from_shapes(src.shapes, src.origin)
+    """Inferred from the shapes; an explicit config (argument, else a JSON file beside the checkpoint) wins."""
     if isinstance(config, ImageNetConfig):
         return config
+    cfg = config_from_shapes(src.shapes, src.origin)
     if isinstance(config, str):
         cfg = apply_overrides(cfg, read_config_file(config), config)
     elif isinstance(config, dict):

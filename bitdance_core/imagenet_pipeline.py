@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import BitDanceError, require
+from .errors import require
 from .imagenet import ImageNetModel, KVCache, first_step_mask
 from .imagenet_classes import imagenet_class_names, parse_classes
 from .positions import blocks_to_raster
@@ -89,10 +89,10 @@ class ImageNetPipeline:
         if P > 1:
             x = torch.cat([x, m.query_token.expand(R, -1, -1)], dim=1)
         start, mask = 0, first_step_mask(c, dev)
-        out = []
+        out, last = [], None
         for i in range(T):
             if i > 0:
-                x = m.proj_in(last)
+                x = m.proj_in(last.to(m.dtype))
                 start, mask = P * (i - 1) + c.cls_token_num + P - 1, None
             hidden = m.forward_tokens(x, cache, start, mask)[:, -P:] + pos[i * P:(i + 1) * P]
             if c.head_kind == "mlp":
@@ -121,7 +121,4 @@ class ImageNetPipeline:
     @torch.no_grad()
     def decode(self, bits: torch.Tensor, tile: int | None = None, chunk: int | None = None) -> torch.Tensor:
         """Pixels [B, 3, H, W], about [-1, 1]."""
-        if bits.shape[1:] != (self.config.latent_dim, self.config.grid * self.config.patch_size,
-                              self.config.grid * self.config.patch_size) and bits.shape[1] != self.config.latent_dim:
-            raise BitDanceError(f"bits must be [B, {self.config.latent_dim}, h, w], got {list(bits.shape)}")
         return self.autoencoder.decode(bits.to(self.device), tile=tile, chunk=chunk)
