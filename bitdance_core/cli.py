@@ -84,7 +84,7 @@ def cmd_tokenizer(args):
     else:
         bits = _load_npy(args.bits_npy, "bits", ndim=4)
         gen = torch.Generator(device=dev).manual_seed(args.seed)
-        out = ae.decode(torch.from_numpy(bits).to(dev), generator=gen, chunk=args.chunk)
+        out = ae.decode(torch.from_numpy(bits).to(dev), generator=gen, chunk=args.chunk, tile=args.tile)
         np.save(args.pixels_npy, out.float().cpu().numpy())
 
 
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixels-npy", default=None)
     p.add_argument("--seed", type=int, default=0, help="noise seed of GAN decoders")
     p.add_argument("--chunk", type=int, default=None, help="decode this many images at a time")
+    p.add_argument("--tile", type=int, default=None, help="decode in tiles of about this many pixels a side (less memory)")
     _add_common(p, out=False)
     p.set_defaults(func=cmd_tokenizer)
 

@@ -35,6 +35,15 @@ def test_encode_decode_through_cli(fx, tmp_path):
         assert np.abs(d - np.load(os.path.join(fx, ref))).max() <= 1e-4
 
 
+def test_tiled_decode_flag(tmp_path):
+    fx = AE_FIXTURES[0]
+    out = tmp_path / "tiled.npy"
+    r = cli("decode", "--model", fx, "--bits-npy", os.path.join(fx, "random_bits.npy"), "--pixels-npy", str(out),
+            "--tile", "128", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert np.abs(np.load(out) - np.load(os.path.join(fx, "decode_of_random_bits.npy"))).max() <= 1e-4
+
+
 def test_tokenizer_file_form_and_bad_inputs(tmp_path):
     fx = AE_FIXTURES[0]
     # a BitDance-Tokenizer style file: ae_<name>.safetensors + ae_<name>_config.json beside it
