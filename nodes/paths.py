@@ -1,0 +1,138 @@
+"""Where BitDance models live: ComfyUI's `models/bitdance/` (plus any extra paths a user configures
+for the `bitdance` folder name), listed fresh on every call so the dropdowns follow the disk.
+
+Which files make a model is the engine's knowledge (bitdance_core); this module only walks
+folders and asks the engine whether a candidate qualifies.
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from .engine import bd, find_autoencoder_files, find_t2i_files
+
+FOLDER = "bitdance"
+EXTENSIONS = {".safetensors", ".pt", ".pth", ".json"}
+
+# The released models, by the folder name each gets under models/bitdance/ (see README).
+RELEASES = {
+    "BitDance-14B-64x": "shallowdream204/BitDance-14B-64x",
+    "BitDance-14B-16x": "shallowdream204/BitDance-14B-16x",
+    "BitDance-Tokenizer": "shallowdream204/BitDance-Tokenizer",
+    "BitDance-ImageNet": "shallowdream204/BitDance-ImageNet",
+}
+T2I_RELEASES = ("BitDance-14B-64x", "BitDance-14B-16x")
+
+
+def register() -> None:
+    """models/bitdance/ becomes a ComfyUI model folder (created so users see where models go)."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+        if default not in paths:
+            paths.insert(0, default)
+        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
+    else:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError:  # a read-only install: the folder may still be given through extra_model_paths
+        pass
+
+
+def roots() -> list[str]:
+    return [p for p in folder_paths.get_folder_paths(FOLDER) if os.path.isdir(p)]
+
+
+def default_root() -> str:
+    return folder_paths.get_folder_paths(FOLDER)[0]
+
+
+def _rel(root: str, path: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _dirs(root: str, depth: int = 2):
+    """Sub-folders of root up to `depth` levels (so both name/ and org/name/ work); hidden ones skipped."""
+    level = [root]
+    for _ in range(depth):
+        nxt = []
+        for d in level:
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                if e.is_dir() and not e.name.startswith("."):
+                    nxt.append(e.path)
+                    yield e.path
+        level = nxt
+
+
+def _files(root: str, suffixes: tuple[str, ...], depth: int = 3):
+    for d in [root, *_dirs(root, depth - 1)]:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.is_file() and e.name.lower().endswith(suffixes):
+                yield e.path
+
+
+def _qualifies(finder, path: str) -> bool:
+    try:
+        finder(path)
+        return True
+    except bd.BitDanceError:
+        return False
+
+
+def list_t2i_models() -> list[str]:
+    """Folders holding a text-to-image model (official or diffusers layout), then the released
+    names not yet on disk (the loader downloads those when asked, or says where they go)."""
+    found = []
+    for root in roots():
+        for d in _dirs(root):
+            if _qualifies(find_t2i_files, d):
+                found.append(_rel(root, d))
+    found = sorted(dict.fromkeys(found))
+    return found + [n for n in T2I_RELEASES if n not in found]
+
+
+def list_tokenizers() -> list[str]:
+    """Tokenizer sources: folders with a tokenizer config (a T2I model folder counts) and
+    BitDance-Tokenizer files (ae_*.safetensors with their *_config.json)."""
+    found = []
+    for root in roots():
+        for d in _dirs(root):
+            if _qualifies(find_autoencoder_files, d):
+                found.append(_rel(root, d))
+        for f in _files(root, (".safetensors",)):
+            if os.path.basename(f).startswith("ae_") and _qualifies(find_autoencoder_files, f):
+                found.append(_rel(root, f))
+    return sorted(dict.fromkeys(found))
+
+
+def list_checkpoints(suffixes=(".pt", ".pth")) -> list[str]:
+    found = []
+    for root in roots():
+        for f in _files(root, suffixes):
+            found.append(_rel(root, f))
+    return sorted(dict.fromkeys(found))
+
+
+def resolve(name: str, what: str) -> str:
+    """The full path of a listed name; a clear error naming where it was looked for."""
+    if not isinstance(name, str) or not name.strip():
+        raise bd.BitDanceError(f"no {what} chosen")
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise bd.BitDanceError(f"{what} '{name}': give a name inside models/{FOLDER}/, not a path")
+    tried = []
+    for root in folder_paths.get_folder_paths(FOLDER):
+        p = os.path.join(root, *name.split("/"))
+        tried.append(p)
+        if os.path.exists(p):
+            return p
+    raise bd.BitDanceError(f"{what} '{name}' not found: looked for {' and '.join(tried)}")

@@ -1,0 +1,40 @@
+"""Progress per AR block, live previews, and ComfyUI's interrupt, as one engine callback."""
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.utils
+from comfy.cli_args import LatentPreviewMethod, args
+
+from .convert import pixels_to_pil
+
+PREVIEWS_PER_RUN = 8
+
+
+def previews_enabled() -> bool:
+    """Follows ComfyUI's --preview-method: any method but 'none' gets decoded previews."""
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+class BlockProgress:
+    """callback(step, total, bits_so_far) for the engine's generate().
+
+    Raises ComfyUI's interrupt exception (from inside the engine's block loop) as soon as the user
+    interrupts, so a long sampling stops within one AR block. Every few blocks the partial bits are
+    decoded (first image of the batch) and sent as the node's live preview.
+    """
+
+    def __init__(self, decode=None, node_id=None):
+        self.decode = decode if previews_enabled() else None
+        self.pbar = comfy.utils.ProgressBar(1, node_id=node_id)
+        self.previews = 0
+
+    def __call__(self, step: int, total: int, bits) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        done = step + 1
+        preview = None
+        every = max(1, total // PREVIEWS_PER_RUN)
+        if self.decode is not None and done < total and done % every == 0:
+            preview = ("JPEG", pixels_to_pil(self.decode(bits[:1])), args.preview_size)
+            self.previews += 1
+        self.pbar.update_absolute(done, total, preview)
+        mm.throw_exception_if_processing_interrupted()

@@ -1,0 +1,158 @@
+"""Text-to-image nodes: model loader, text encode, AR sampler."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from . import paths
+from .download import download_release
+from .engine import bd, find_t2i_files
+from .memory import DTYPE_CHOICES, Managed, make_room, pick_device, pick_dtype
+from .validation import check_combos
+from .progress import BlockProgress
+from .types import Conditioning, ConditioningType, ModelType, Tokenizer, TokenizerType, bits_latent, expect
+
+ATTENTION_CHOICES = ["auto", "sdpa", "flash"]
+SAMPLER_CHOICES = ["euler_maruyama", "euler"]
+
+
+class BitDanceModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BitDanceModelLoader",
+            display_name="BitDance Model Loader",
+            category="BitDance/loaders",
+            description="Loads a BitDance text-to-image model folder from models/bitdance/ (official or diffusers "
+                        "layout). Its binary tokenizer comes out too, for decoding the sampled bits.",
+            inputs=[
+                io.Combo.Input("model", options=paths.list_t2i_models(),
+                               tooltip="A folder in models/bitdance/. Released names not on disk yet are listed too: "
+                                       "turn on 'download' to fetch them there."),
+                io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto",
+                               tooltip="auto: bf16 on a GPU that supports it, fp32 on the CPU"),
+                io.Combo.Input("attention", options=ATTENTION_CHOICES, default="auto",
+                               tooltip="auto: PyTorch SDPA (flash kernels where the GPU has them)"),
+                io.Boolean.Input("download", default=False,
+                                 tooltip="Download a released model that is missing into models/bitdance/<name> "
+                                         "(Hugging Face; never into a hidden cache)"),
+            ],
+            outputs=[ModelType.Output(display_name="model"), TokenizerType.Output(display_name="tokenizer")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model=None, dtype=None, attention=None):
+        return check_combos(cls, model=model, dtype=dtype, attention=attention)
+
+    @classmethod
+    def execute(cls, model: str, dtype: str = "auto", attention: str = "auto", download: bool = False) -> io.NodeOutput:
+        path = resolve_or_download(model, "model", download)
+        device = pick_device()
+        torch_dtype = pick_dtype(dtype, device)
+        make_room(path, device, torch_dtype)
+        pipe = bd.load_t2i(path, device=device, dtype=torch_dtype, attention="sdpa" if attention == "auto" else attention)
+        managed = Managed(pipe, {"backbone": pipe.backbone, "head": pipe.head, "projector": pipe.projector,
+                                 "autoencoder": pipe.autoencoder}, device, os.path.realpath(path), model)
+        return io.NodeOutput(managed, Tokenizer(pipe.autoencoder, managed))
+
+
+def resolve_or_download(name: str, what: str, download: bool) -> str:
+    """The model folder; a released name that is not (completely) on disk is downloaded when asked."""
+    if name not in paths.RELEASES:
+        return paths.resolve(name, what)
+    try:
+        path = paths.resolve(name, what)
+        find_t2i_files(path)
+        return path
+    except bd.BitDanceError:
+        pass
+    target = os.path.join(paths.default_root(), name)
+    if not download:
+        raise bd.BitDanceError(
+            f"{what} '{name}' is not on disk: expected the folder {target}. Download it with "
+            f"`hf download {paths.RELEASES[name]} --local-dir {target}`, or turn on 'download' in this node")
+    return download_release(name, target)
+
+
+class BitDanceTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BitDanceTextEncode",
+            display_name="BitDance Text Encode",
+            category="BitDance/conditioning",
+            description="Templates and tokenizes a prompt (cheap: the backbone runs in the sampler). The negative "
+                        "prompt, if given, replaces the official unconditional prompt for guidance.",
+            inputs=[
+                ModelType.Input("model"),
+                io.String.Input("prompt", multiline=True, default="", placeholder="what to draw"),
+                io.String.Input("negative_prompt", multiline=True, default="", optional=True,
+                                placeholder="optional; empty = the official unconditional prompt"),
+            ],
+            outputs=[ConditioningType.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, model, prompt: str, negative_prompt: str = "") -> io.NodeOutput:
+        managed = expect(model, Managed, "model", "BitDance Model Loader")
+        tokens = managed.obj.encode_prompt(prompt, negative_prompt or None)
+        return io.NodeOutput(Conditioning(tokens, managed.key, managed.name))
+
+
+class BitDanceARSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BitDanceARSampler",
+            display_name="BitDance AR Sampler",
+            category="BitDance/sampling",
+            description="Generates the image's binary tokens block by block (the progress bar counts AR blocks). "
+                        "Outputs a LATENT of ±1 bits for BitDance Decode.",
+            inputs=[
+                ModelType.Input("model"),
+                ConditioningType.Input("positive"),
+                ConditioningType.Input("negative", optional=True,
+                                       tooltip="Its prompt replaces the unconditional prompt (overrides the "
+                                               "positive node's negative prompt)"),
+                io.Int.Input("width", default=1024, min=64, max=4096, step=64,
+                             tooltip="Must divide by the model's block size: 128 px (64x models) or 64 px (16x)"),
+                io.Int.Input("height", default=1024, min=64, max=4096, step=64),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Diffusion-head steps per AR block"),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Guidance scale; 1 or less turns guidance off"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Combo.Input("sampler", options=SAMPLER_CHOICES, default="euler_maruyama", optional=True),
+            ],
+            outputs=[io.Latent.Output(display_name="bits")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, sampler=None):
+        return check_combos(cls, sampler=sampler)
+
+    @classmethod
+    def execute(cls, model, positive, width: int, height: int, steps: int, cfg: float, seed: int, batch_size: int,
+                negative=None, sampler: str = "euler_maruyama") -> io.NodeOutput:
+        managed = expect(model, Managed, "model", "BitDance Model Loader")
+        pos = expect(positive, Conditioning, "positive", "BitDance Text Encode")
+        pipe = managed.obj
+        tokens = pos.tokens
+        for cond, what in ((pos, "positive"), (negative, "negative")):
+            if cond is None:
+                continue
+            expect(cond, Conditioning, what, "BitDance Text Encode")
+            if cond.model_key != managed.key:
+                raise bd.BitDanceError(f"{what}: encoded with the tokenizer of '{cond.model_name}', but the sampler's "
+                                       f"model is '{managed.name}'; connect the same model to both nodes")
+        if negative is not None:
+            tokens = pipe.encode_prompt(pos.tokens.prompt, negative.tokens.prompt)
+        managed.ensure_loaded()
+        progress = BlockProgress(decode=pipe.decode)
+        bits = pipe.generate(tokens, height=height, width=width, steps=steps, cfg=cfg, num_images=batch_size,
+                             seed=seed, sampler=sampler, callback=progress)
+        return io.NodeOutput(bits_latent(bits.cpu(), pipe.autoencoder.family))
+
+
+NODES = [BitDanceModelLoader, BitDanceTextEncode, BitDanceARSampler]

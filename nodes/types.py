@@ -1,0 +1,65 @@
+"""Graph types between the BitDance nodes, and the payloads they carry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from comfy_api.latest import io
+
+from .engine import bd
+from .memory import Managed
+
+# Custom socket types: the UI only lets matching sockets connect, and a prompt sent over the API
+# that wires one into a node expecting another is refused at validation (400, node_errors).
+ModelType = io.Custom("BITDANCE_MODEL")
+ConditioningType = io.Custom("BITDANCE_CONDITIONING")
+TokenizerType = io.Custom("BITDANCE_TOKENIZER")
+ImageNetModelType = io.Custom("BITDANCE_IMAGENET_MODEL")
+
+# LATENT dicts made by BitDance nodes carry this key: the tokenizer family that decodes them.
+FAMILY_KEY = "bitdance_family"
+
+
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """Text-encode output: the templated token ids, and which model's tokenizer made them."""
+
+    tokens: "bd.PromptTokens"
+    model_key: str
+    model_name: str
+
+
+@dataclass(frozen=True, eq=False)
+class Tokenizer:
+    """A binary tokenizer, and the managed model that holds it (its own, or the T2I / ImageNet model's)."""
+
+    ae: "bd.BinaryAutoencoder"
+    owner: Managed
+
+    @property
+    def family(self) -> str:
+        return self.ae.family
+
+
+def expect(value, cls, what: str, hint: str):
+    """A clear error when a node receives something other than the BitDance payload it needs."""
+    if not isinstance(value, cls):
+        raise bd.BitDanceError(f"{what}: expected the output of {hint}, got {type(value).__name__}")
+    return value
+
+
+def bits_latent(bits, family: str) -> dict:
+    return {"samples": bits, FAMILY_KEY: family}
+
+
+def latent_bits(latent, tokenizer: Tokenizer):
+    """The ±1 bits of a BitDance LATENT, refused when another tokenizer family made them."""
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise bd.BitDanceError("latent: expected a LATENT (a dict with 'samples')")
+    family = latent.get(FAMILY_KEY)
+    if family is None:
+        raise bd.BitDanceError("latent: this LATENT was not made by a BitDance node (it has no tokenizer tag); "
+                               "BitDance tokenizers decode only bits from the BitDance samplers or BitDance Encode")
+    if family != tokenizer.family:
+        raise bd.BitDanceError(f"latent: these bits were made for tokenizer '{family}', but the tokenizer given is "
+                               f"'{tokenizer.family}'; use the tokenizer of the model that sampled them")
+    return latent["samples"]

@@ -1,0 +1,136 @@
+"""A real ComfyUI 0.3.75 server for the node-pack tests, one per test session.
+
+scripts/setup_comfyui.sh installs it into .comfyui/. The server runs on the CPU on a free loopback
+port with its own --base-directory (a temp dir): the pack is linked into custom_nodes/ and the tiny
+fixture models of ../shared/fixtures into models/bitdance/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from comfy_client import ComfyClient  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMFY_DIR = os.path.join(REPO, ".comfyui")
+FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures")
+ARTIFACTS = os.path.join(REPO, "tests", "artifacts")
+PACK_NAME = "ComfyUI-BitDance"
+START_TIMEOUT = 180
+
+# Fixture models as the server sees them: models/bitdance/<name>
+MODELS = {
+    "t2i-tiny-p16": os.path.join(FIXTURES, "t2i-tiny-p16", "model"),
+    "ae-tiny": os.path.join(FIXTURES, "ae-tiny"),
+    "imagenet-tiny-p4": os.path.join(FIXTURES, "imagenet-tiny-p4"),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: str, n: int = 60) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _place_models(models_dir: str) -> None:
+    bitdance = os.path.join(models_dir, "bitdance")
+    os.makedirs(bitdance, exist_ok=True)
+    for name, src in MODELS.items():
+        os.symlink(src, os.path.join(bitdance, name))
+    # Broken copies for the error tests: one misses a weights file, one has it truncated.
+    t2i = MODELS["t2i-tiny-p16"]
+    for broken in ("broken-missing", "broken-corrupt"):
+        d = os.path.join(bitdance, broken)
+        os.makedirs(d)
+        for f in os.listdir(t2i):
+            if f != "model.safetensors":
+                os.symlink(os.path.join(t2i, f), os.path.join(d, f))
+    with open(os.path.join(t2i, "model.safetensors"), "rb") as f:
+        head = f.read(4096)
+    with open(os.path.join(bitdance, "broken-corrupt", "model.safetensors"), "wb") as f:
+        f.write(head)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """A running ComfyUI with the pack and the fixture models; yields a ComfyClient."""
+    if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
+        msg = "ComfyUI is not installed in .comfyui/: run `bash scripts/setup_comfyui.sh`"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    if not os.path.isdir(FIXTURES):
+        pytest.fail(f"fixtures not found at {FIXTURES} (expected ../shared/fixtures beside the repo)")
+    base = str(tmp_path_factory.mktemp("comfy_base"))
+    for d in ("custom_nodes", "models", "input", "output", "temp", "user"):
+        os.makedirs(os.path.join(base, d), exist_ok=True)
+    os.symlink(REPO, os.path.join(base, "custom_nodes", PACK_NAME))
+    _place_models(os.path.join(base, "models"))
+
+    port = _free_port()
+    log_path = os.path.join(base, "comfyui.log")
+    cmd = [sys.executable, os.path.join(REPO, "tests", "comfy_launcher.py"), COMFY_DIR,
+           "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
+           "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
+           "--preview-method", "auto"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=COMFY_DIR)
+    client = ComfyClient(f"http://127.0.0.1:{port}", proc, base, log_path)
+    try:
+        deadline = time.time() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{_tail(log_path)}")
+            if client.ready("BitDanceModelLoader"):
+                break
+            if time.time() > deadline:
+                pytest.fail(f"ComfyUI did not answer /object_info within {START_TIMEOUT} s:\n{_tail(log_path)}")
+            time.sleep(0.5)
+        client.startup_s = START_TIMEOUT - (deadline - time.time())
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        shutil.copy(log_path, os.path.join(ARTIFACTS, "comfyui.log"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    return FIXTURES
+
+
+def load_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def upload_example(comfy):
+    """ComfyUI's own example.png in the server's input/ folder (what the LoadImage workflows name)."""
+    dst = os.path.join(comfy.base, "input", "example.png")
+    if not os.path.exists(dst):
+        shutil.copy(os.path.join(COMFY_DIR, "input", "example.png"), dst)
+    return "example.png"

@@ -1,0 +1,39 @@
+"""Shared helpers of the ComfyUI server tests."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKFLOWS = os.path.join(REPO, "workflows")
+TEST_WORKFLOWS = os.path.join(REPO, "tests", "workflows")
+NODE_IDS = ["BitDanceModelLoader", "BitDanceTextEncode", "BitDanceARSampler", "BitDanceTokenizerLoader",
+            "BitDanceDecode", "BitDanceEncode", "BitDanceImageNetLoader", "BitDanceImageNetSampler"]
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def node_of(prompt: dict, class_type: str) -> dict:
+    nodes = [n for n in prompt.values() if n["class_type"] == class_type]
+    assert len(nodes) == 1, f"expected one {class_type} in the workflow, found {len(nodes)}"
+    return nodes[0]
+
+
+def tiny_t2i(width=128, height=128, steps=2, seed=0, prompt="a small wooden boat", cfg=4.0, prefix="t",
+             save="PreviewImage") -> dict:
+    """The tiny text-to-image test workflow with settings changed."""
+    wf = copy.deepcopy(load(os.path.join(TEST_WORKFLOWS, "tiny_t2i.api.json")))
+    s = node_of(wf, "BitDanceARSampler")["inputs"]
+    s.update(width=width, height=height, steps=steps, seed=seed, cfg=cfg)
+    node_of(wf, "BitDanceTextEncode")["inputs"]["prompt"] = prompt
+    out = node_of(wf, "SaveImage")
+    if save == "PreviewImage":
+        out["class_type"] = "PreviewImage"
+        out["inputs"].pop("filename_prefix")
+    else:
+        out["inputs"]["filename_prefix"] = prefix
+    return wf

@@ -1,0 +1,58 @@
+"""Every API-format workflow in workflows/ runs on the server, with the tiny fixture models put in
+place of the released ones they name (and sizes/steps scaled down for the CPU)."""
+from __future__ import annotations
+
+import copy
+import glob
+import os
+
+import pytest
+
+from helpers import WORKFLOWS, load
+
+# released name -> tiny fixture name, as placed by conftest in models/bitdance/
+MODEL_MAP = {
+    "BitDance-14B-64x": "t2i-tiny-p16",
+    "BitDance-14B-16x": "t2i-tiny-p16",
+    "BitDance-ImageNet/BitDance_B_1x.pt": "imagenet-tiny-p4/model.pt",
+    "BitDance-Tokenizer/ae_d16c32.safetensors": "ae-tiny",
+}
+
+
+def tiny_version(wf: dict) -> tuple[dict, list[tuple[int, int]]]:
+    """The workflow with fixture models, small sizes and few steps; and the image sizes to expect."""
+    wf = copy.deepcopy(wf)
+    expect = []
+    for node in wf.values():
+        ins, ct = node["inputs"], node["class_type"]
+        for key in ("model", "checkpoint", "tokenizer"):
+            if isinstance(ins.get(key), str):
+                assert ins[key] in MODEL_MAP, f"{ct}.{key} = {ins[key]!r}: not a released name this test knows"
+                ins[key] = MODEL_MAP[ins[key]]
+        if ct == "BitDanceARSampler":
+            ins.update(width=128, height=ins["height"] * 128 // ins["width"], steps=2)
+            expect += [(ins["width"], ins["height"])] * ins["batch_size"]
+        elif ct == "BitDanceImageNetSampler":
+            ins.update(class_index=3, steps=2, batch_size=1)  # the tiny model knows 10 classes
+            expect += [(256, 256)]
+        elif ct == "ImageScale":
+            ins.update(width=128, height=128)
+            expect += [(128, 128)]
+    return wf, expect
+
+
+API_FILES = sorted(glob.glob(os.path.join(WORKFLOWS, "*.api.json")))
+
+
+def test_every_workflow_has_both_formats():
+    assert len(API_FILES) >= 4
+    for api in API_FILES:
+        assert os.path.isfile(api.replace(".api.json", ".json")), f"{api}: no UI-format twin"
+
+
+@pytest.mark.parametrize("path", API_FILES, ids=[os.path.basename(p) for p in API_FILES])
+def test_workflow_runs(comfy, upload_example, path):
+    wf, expect = tiny_version(load(path))
+    entry = comfy.run(wf, timeout=600)
+    sizes = [im.size for ims in comfy.images(entry).values() for im in ims]
+    assert sorted(sizes) == sorted(expect)
