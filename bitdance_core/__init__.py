@@ -2,11 +2,12 @@
 
 Self-contained (torch, safetensors, tokenizers); never imports ComfyUI.
 """
-from .autoencoder import BinaryAutoencoder, load_autoencoder as load_tokenizer
+from .autoencoder import BinaryAutoencoder, find_autoencoder_files, load_autoencoder as load_tokenizer
 from .errors import BitDanceError
 from .imagenet_classes import class_index, imagenet_class_names, parse_classes
 from .prompts import PromptTokens
-from .t2i import OFFICIAL_SIZES, T2IPipeline, load_t2i, to_uint8
+from .images import from_unit_hwc, to_uint8, to_unit_hwc
+from .t2i import OFFICIAL_SIZES, T2IInfo, T2IPipeline, describe_t2i, load_t2i
 
 
 def load_imagenet(*args, **kwargs):
@@ -15,5 +16,6 @@ def load_imagenet(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "PromptTokens", "T2IPipeline", "class_index",
-           "imagenet_class_names", "load_imagenet", "load_t2i", "load_tokenizer", "parse_classes", "to_uint8"]
+__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "PromptTokens", "T2IInfo", "T2IPipeline", "class_index",
+           "describe_t2i", "find_autoencoder_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet",
+           "load_t2i", "load_tokenizer", "parse_classes", "to_uint8", "to_unit_hwc"]

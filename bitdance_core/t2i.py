@@ -18,6 +18,7 @@ from .autoencoder import AutoencoderConfig, BinaryAutoencoder, build_autoencoder
 from .checkpoints import materialize, open_safetensors, open_sharded, read_json
 from .errors import BitDanceError, require
 from .head import DiffusionHead, HeadConfig
+from .images import to_uint8  # noqa: F401  (re-exported: the official pixel conversion)
 from .positions import blocks_to_raster, sincos_2d_blocks
 from .projector import Projector
 from .prompts import PromptCodec, PromptTokens, load_prompt_codec
@@ -55,12 +56,20 @@ class ModelFiles:
         j = lambda *p: os.path.join(path, *p)
         if os.path.isfile(j("text_encoder", "config.json")):
             d = "diffusion_pytorch_model.safetensors"
-            return cls("diffusers", j("text_encoder", "config.json"), j("text_encoder"), j("tokenizer"),
-                       j("autoencoder", "config.json"), j("autoencoder", d), j("diffusion_head", "config.json"),
-                       j("diffusion_head", d), j("projector", d))
-        if os.path.isfile(j("config.json")):
-            return cls("official", j("config.json"), path, path, j("ae_config.json"), j("ae.safetensors"),
-                       j("vision_head_config.json"), j("vision_head.safetensors"), j("projector.safetensors"))
+            found = cls("diffusers", j("text_encoder", "config.json"), j("text_encoder"), j("tokenizer"),
+                        j("autoencoder", "config.json"), j("autoencoder", d), j("diffusion_head", "config.json"),
+                        j("diffusion_head", d), j("projector", d))
+        elif os.path.isfile(j("config.json")):
+            found = cls("official", j("config.json"), path, path, j("ae_config.json"), j("ae.safetensors"),
+                        j("vision_head_config.json"), j("vision_head.safetensors"), j("projector.safetensors"))
+        else:
+            found = None
+        if found is not None:
+            # The configs decide what the folder is; missing weights are named when loading.
+            for cfg in (found.head_config, found.ae_config):
+                if not os.path.isfile(cfg):
+                    raise BitDanceError(f"{path}: not a BitDance text-to-image model folder: {cfg} is missing")
+            return found
         raise BitDanceError(f"{path}: not a BitDance model folder: expected config.json (official layout) "
                             "or text_encoder/config.json (diffusers layout)")
 
@@ -201,9 +210,34 @@ class BackboneRun:
         return hidden
 
 
-def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """The official conversion: clamp(127.5*x + 128, 0, 255), truncated; [B,3,H,W] -> [B,H,W,3] uint8."""
-    return torch.clamp(127.5 * pixels + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+@dataclass
+class T2IInfo:
+    """What a model folder makes, read from its config files only (no weights)."""
+
+    layout: str
+    parallel_num: int
+    downsample: int
+    latent_channels: int
+    hidden_size: int
+
+    @property
+    def block_pixels(self) -> int:
+        return int(round(math.sqrt(self.parallel_num))) * self.downsample
+
+    @property
+    def supported_sizes(self) -> list[tuple[int, int]]:
+        bp = self.block_pixels
+        return [s for s in OFFICIAL_SIZES if s[0] % bp == 0 and s[1] % bp == 0]
+
+    def ar_steps(self, height: int, width: int) -> int:
+        return (height // self.downsample) * (width // self.downsample) // self.parallel_num
+
+
+def describe_t2i(path: str) -> T2IInfo:
+    files = ModelFiles.find(path)
+    head = HeadConfig.from_json(read_json(files.head_config), files.head_config)
+    ae = AutoencoderConfig.from_json(read_json(files.ae_config), files.ae_config)
+    return T2IInfo(files.layout, head.parallel_num, ae.downsample, ae.z_channels, head.ch_cond)
 
 
 def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig):

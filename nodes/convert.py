@@ -1,4 +1,4 @@
-"""Type conversions between the engine's tensors and ComfyUI's (layout and value range only)."""
+"""Type conversions between the engine's tensors and ComfyUI's (the engine does the arithmetic)."""
 from __future__ import annotations
 
 import torch
@@ -8,17 +8,14 @@ from .engine import bd
 
 
 def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
-    """Engine pixels [B,3,H,W] about [-1,1] -> ComfyUI IMAGE [B,H,W,3] float 0..1, through the
-    official uint8 conversion (so a saved PNG equals the engine CLI's output byte for byte)."""
-    return bd.to_uint8(pixels).to(torch.float32) / 255.0
+    """Engine pixels [B,3,H,W] -> ComfyUI IMAGE [B,H,W,3] 0..1 (through the official uint8 conversion,
+    so a saved PNG equals the engine CLI's output byte for byte)."""
+    return bd.to_unit_hwc(pixels)
 
 
 def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] float 0..1 -> engine pixels [B,C,H,W] in [-1,1]."""
-    if not isinstance(image, torch.Tensor) or image.dim() != 4:
-        raise bd.BitDanceError(f"image: expected an IMAGE [batch, height, width, channels], got "
-                               f"{list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-    return image.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
+    """ComfyUI IMAGE [B,H,W,C] 0..1 -> engine pixels [B,C,H,W] in [-1,1]."""
+    return bd.from_unit_hwc(image)
 
 
 def pixels_to_pil(pixels: torch.Tensor) -> Image.Image:

@@ -191,3 +191,17 @@ def test_lm_head_is_accepted_and_never_loaded(tmp_path):
     assert "lm_head.weight" in sd
     p = load_t2i(str(m))
     assert not any("lm_head" in k for k in p.backbone.state_dict())
+
+
+def test_describe_from_configs_only(tmp_path):
+    from bitdance_core import describe_t2i
+
+    m = copy_model(tmp_path)
+    for w in ("model.safetensors", "vision_head.safetensors"):
+        os.remove(m / w)  # no weights needed to describe a model
+    info = describe_t2i(str(m))
+    assert (info.parallel_num, info.downsample, info.latent_channels, info.block_pixels) == (16, 16, 32, 64)
+    assert (512, 512) in info.supported_sizes and info.ar_steps(1024, 1024) == 256
+    os.remove(m / "vision_head_config.json")
+    with pytest.raises(BitDanceError, match="not a BitDance text-to-image model folder: .*vision_head_config.json is missing"):
+        describe_t2i(str(m))
