@@ -49,7 +49,7 @@ def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, gener
     x = _noise(x_shape, None, generator, device)
     t_all = _time_grid(steps, last_step_size, time_shift, device)
     dt = t_all[1:] - t_all[:-1]
-    t = torch.tensor(0.0, device=device, dtype=torch.float32)
+    t = torch.zeros((), device=device, dtype=torch.float32)  # not torch.tensor(0.0): no host copy (CUDA graphs)
     t_batch = torch.zeros(cond.shape[0], device=device, dtype=torch.float32)
     for i in range(steps):
         t_batch[:] = t

@@ -84,6 +84,7 @@ class T2IPipeline:
         self.block_side = int(round(math.sqrt(self.parallel_num)))
         self.latent_channels = autoencoder.config.z_channels
         self.downsample = autoencoder.downsample
+        self.samplers = dict(SAMPLERS)  # per pipeline, so accelerations (graphs.py) can wrap them
 
     @property
     def block_pixels(self) -> int:
@@ -117,7 +118,7 @@ class T2IPipeline:
         require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
         require(isinstance(cfg, (int, float)) and cfg >= 0, f"cfg (guidance scale) must be >= 0, got {cfg}")
         require(isinstance(num_images, int) and num_images >= 1, f"num_images must be an integer >= 1, got {num_images}")
-        require(sampler in SAMPLERS, f"sampler '{sampler}' unknown; choose one of {sorted(SAMPLERS)}")
+        require(sampler in self.samplers, f"sampler '{sampler}' unknown; choose one of {sorted(self.samplers)}")
         self.check_size(height, width)
 
         dev, P, B = self.device, self.parallel_num, num_images
@@ -136,7 +137,7 @@ class T2IPipeline:
         hidden = torch.cat([r.prefill() for r in runs])
 
         pos_table = sincos_2d_blocks(self.backbone.config.hidden_size, lat_h, lat_w, self.block_side).to(dev)
-        sample = SAMPLERS[sampler]
+        sample = self.samplers[sampler]
         extra = {"time_shift": self.head.config.time_shift} if sampler == "euler_maruyama" else {}
         out_blocks = []
         for s in range(n_blocks):
@@ -246,8 +247,14 @@ def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig)
         return Qwen3Backbone(llm), DiffusionHead(head), Projector(ae.z_channels, llm.hidden_size), build_autoencoder(ae)
 
 
-def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdpa") -> T2IPipeline:
+def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdpa", weights: str = "as-is") -> T2IPipeline:
+    """weights: "as-is" (read in `dtype`) or "fp8" (big linears stored as float8 e4m3, see quant.py)."""
     require(attention in ("sdpa", "flash"), f"attention '{attention}' unknown; use 'sdpa' or 'flash'")
+    require(weights in ("as-is", "fp8"), f"weights '{weights}' unknown; use 'as-is' or 'fp8'")
+    if weights == "fp8":
+        from .quant import load_t2i_fp8
+
+        return load_t2i_fp8(path, device=device, dtype=dtype, attention=attention)
     files = ModelFiles.find(path)
     llm_cfg = Qwen3Config.from_json(read_json(files.llm_config), files.llm_config)
     head_cfg = HeadConfig.from_json(read_json(files.head_config), files.head_config)

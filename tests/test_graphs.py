@@ -1,0 +1,55 @@
+"""CUDA-graph helpers on the CPU: the static backbone step (the form a graph captures) against the
+engine's step, and the switches being no-ops where there is no GPU. The captures themselves need CUDA."""
+import warnings
+
+import torch
+
+from bitdance_core.graphs import GraphedBackbone, GraphedModule, enable_compile, enable_graphs, graphed_sampler
+from bitdance_core.sampler import SAMPLERS
+from bitdance_core.synthetic import build_random_t2i, custom_shape
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")
+PROMPT = "a red fox in the snow"
+
+
+def test_static_step_matches_the_engine_step():
+    shape = custom_shape("tiny", layers=2, hidden=64, heads=4, kv_heads=2)
+    ref = build_random_t2i(shape, seed=4)
+    outs = {}
+
+    def record(name):
+        def hook(_m, args, out):
+            if len(args) > 3 and args[3] > 0:
+                outs.setdefault(name, []).append(out.clone())
+        return hook
+    h = ref.backbone.register_forward_hook(record("eager"))
+    # a negative prompt of another length: the two guidance rows are left-padded differently
+    bits_ref = ref.generate(PROMPT, 128, 128, steps=1, cfg=4.0, seed=2, negative_prompt="snow")
+    h.remove()
+    acc = enable_graphs(ref, static_step_on_cpu=True)
+    assert isinstance(ref.backbone, GraphedBackbone)
+    h = ref.backbone.register_forward_hook(record("static"))
+    bits = ref.generate(PROMPT, 128, 128, steps=1, cfg=4.0, seed=2, negative_prompt="snow")
+    h.remove()
+    acc.remove()
+    assert not isinstance(ref.backbone, GraphedBackbone)
+    assert len(outs["eager"]) == len(outs["static"]) == 3
+    for a, b in zip(outs["eager"], outs["static"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert (bits != bits_ref).float().mean() < 0.01
+
+
+def test_switches_are_noops_on_the_cpu():
+    pipe = build_random_t2i("tiny", seed=1)
+    net, bb = pipe.head.net, pipe.backbone
+    acc = enable_graphs(pipe)
+    assert pipe.head.net is net and pipe.backbone is bb and not acc.sampler_patched
+    assert enable_compile(pipe) is False
+    wrapped = GraphedModule(net)
+    x, t, c = torch.randn(2, 16, 32), torch.full((2,), 0.2), torch.randn(2, 16, 64)
+    assert torch.equal(wrapped(x, t, c), net(x, t, c)) and wrapped.stats.eager_calls == 1
+    sampler = graphed_sampler(SAMPLERS["euler_maruyama"])  # unregistered nets run the sampler as it is
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    cond = torch.randn(2, 16, 64)
+    assert torch.equal(sampler(net, cond, 4.0, 2, g1), SAMPLERS["euler_maruyama"](net, cond, 4.0, 2, g2))

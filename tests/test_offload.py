@@ -1,0 +1,120 @@
+"""Offload on the CPU: device "cpu" with real copies, so residency, slot rotation and results are
+checked without a GPU (the side stream, pinned memory and events only exist on CUDA)."""
+import warnings
+
+import pytest
+import torch
+
+from bitdance_core.offload import HostEmbedding, StageOffload, apply_offload, lru_order
+from bitdance_core.synthetic import build_random_t2i, custom_shape
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")
+PROMPT = "a red fox in the snow"
+SHAPE = custom_shape("tiny", layers=4)  # 4 backbone layers: 1 resident + 3 streamed through 2 slots
+ARGS = dict(height=128, width=128, steps=1, cfg=4.0, seed=11)  # 4 blocks
+
+
+@pytest.fixture(scope="module")
+def reference():
+    pipe = build_random_t2i(SHAPE, seed=3)
+    bits = pipe.generate(PROMPT, **ARGS)
+    return bits, pipe.decode(bits), {k: v.clone() for k, v in pipe.backbone.state_dict().items()}
+
+
+def test_lru_policy():
+    sizes = {"a": 4, "b": 3, "c": 2}
+    calls = ["a", "b", "a", "c"]
+    assert [r for _, r in lru_order(sizes, None, calls)] == [{"a"}, {"b"}, {"a"}, {"c"}]
+    assert [r for _, r in lru_order(sizes, 7, calls)] == [{"a"}, {"a", "b"}, {"a", "b"}, {"a", "c"}]
+    assert [r for _, r in lru_order(sizes, 100, calls)][-1] == {"a", "b", "c"}
+
+
+def test_stage_offload_one_group_at_a_time(reference):
+    bits_ref, px_ref, sd_ref = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "stage", "cpu")
+    assert isinstance(pipe.backbone.model.embed_tokens, HostEmbedding)
+    assert set(pipe.backbone.state_dict()) == set(sd_ref)  # same keys: the nodes can still save/inspect
+    seen = []
+    stage = off.stage
+    hook = pipe.head.net.register_forward_pre_hook(lambda *_: seen.append(set(stage.resident)))
+    hook2 = pipe.backbone.register_forward_hook(lambda *_: seen.append(set(stage.resident)))
+    bits = pipe.generate(PROMPT, **ARGS)
+    px = pipe.decode(bits)
+    hook.remove()
+    hook2.remove()
+    assert torch.equal(bits, bits_ref) and torch.equal(px, px_ref)
+    assert all(len(r) == 1 for r in seen)  # "each on the device only while used"
+    assert off.stats.loads == {"backbone": 4, "head": 4, "decoder": 1}  # 4 blocks: prefill + 3 steps
+    assert off.stats.peak_resident == max(stage.sizes[g] for g in ("backbone", "head", "decoder"))
+    off.remove()
+    # evicted parameters point at the CPU masters again
+    assert all(home.resident is False for home in stage.homes.values())
+
+
+def test_stage_offload_with_a_budget_keeps_what_fits(reference):
+    bits_ref, _, _ = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    probe = apply_offload(pipe, "stage", "cpu")
+    sizes = dict(probe.stage.sizes)
+    probe.remove()
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "stage", "cpu", budget_bytes=sizes["backbone"] + sizes["head"])
+    assert torch.equal(pipe.generate(PROMPT, **ARGS), bits_ref)
+    assert off.stats.loads == {"backbone": 1, "head": 1}
+    pipe.decode(bits_ref)
+    assert off.stats.loads["decoder"] == 1 and "decoder" in off.stage.resident
+    assert off.stage.resident_bytes() <= sizes["backbone"] + sizes["head"]
+
+
+def test_device_copies_are_fresh_and_eviction_returns_to_the_master():
+    lin = torch.nn.Linear(8, 8)
+    master_ptr = lin.weight.data_ptr()
+    st = StageOffload({"g": [lin]}, "cpu")
+    st.use("g")
+    assert lin.weight.data_ptr() != master_ptr  # a real copy, as a GPU would get
+    st.evict_all()
+    assert lin.weight.data_ptr() == st.homes["g"].entries[0][3].data_ptr()
+
+
+@pytest.mark.parametrize("resident", [0, 1, 4])
+def test_streaming_matches_and_rotates_through_two_slots(reference, resident):
+    bits_ref, px_ref, _ = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "stream", "cpu", resident_layers=resident)
+    stream = off.stream
+    in_slot = []
+
+    def check(layer_idx):
+        def hook(mod, _args):
+            ptrs = [p.data_ptr() for p in mod.parameters()]
+            ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in stream.slots]
+            in_slot.append(all(any(a <= q < b for a, b in ranges) for q in ptrs))
+        return hook
+    handles = [l.register_forward_pre_hook(check(i)) for i, l in enumerate(pipe.backbone.model.layers[resident:])]
+    bits = pipe.generate(PROMPT, **ARGS)
+    for h in handles:
+        h.remove()
+    assert torch.equal(bits, bits_ref)
+    assert torch.equal(pipe.decode(bits), px_ref)
+    n_streamed = 4 - resident
+    assert len(stream.slots) == min(2, n_streamed)
+    assert all(in_slot)  # every streamed layer computed from a slot, never from the CPU master
+    forwards = 4  # prefill + 3 block steps
+    if n_streamed > 2:
+        # each forward streams every layer once (plus the prefetch of the first layer for a next
+        # forward); all but the very first copy are prefetches, made while the previous layer computes
+        assert stream.stats.streamed_loads == forwards * n_streamed + 1
+        assert stream.stats.prefetch_hits >= forwards * n_streamed - forwards
+    elif n_streamed:
+        assert stream.stats.streamed_loads == n_streamed  # they fit the two slots: copied once
+    off.remove()
+
+
+def test_none_mode_is_the_plain_pipeline(reference):
+    bits_ref, _, _ = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "none", "cpu")
+    assert off.stage is None and off.stream is None
+    assert torch.equal(pipe.generate(PROMPT, **ARGS), bits_ref)
