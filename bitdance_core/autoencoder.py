@@ -7,10 +7,9 @@ which concatenates a Gaussian noise block to the bits before `conv_in`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import BitDanceError, require

@@ -12,3 +12,4 @@ class BitDanceError(ValueError):
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise BitDanceError(message)
+

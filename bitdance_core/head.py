@@ -7,12 +7,13 @@ Key names follow the released files (`net.*`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import flash_attention
 from .errors import BitDanceError
 
 
@@ -208,12 +209,7 @@ class DiffusionHead(nn.Module):
 
     def set_attention(self, attention: str) -> None:
         """'sdpa' or 'flash' for blocks over 32 tokens (the T2I 64x head), as upstream does."""
-        flash = None
-        if attention == "flash":
-            try:
-                from flash_attn import flash_attn_func as flash
-            except ImportError as e:
-                raise BitDanceError("attention 'flash' asked for, but the flash-attn package is not installed; use 'sdpa'") from e
+        flash = flash_attention(attention)
         for m in self.modules():
             if isinstance(m, BlockAttention):
                 m.fused = self.config.sigmoid_output  # ImageNet heads always use the explicit softmax

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import flash_attention
 from .errors import BitDanceError
 
 @dataclass
@@ -202,11 +203,6 @@ class Qwen3Backbone(nn.Module):
         return self.model.norm(x)
 
     def set_attention(self, attention: str) -> None:
-        flash = None
-        if attention == "flash":
-            try:
-                from flash_attn import flash_attn_func as flash
-            except ImportError as e:
-                raise BitDanceError("attention 'flash' asked for, but the flash-attn package is not installed; use 'sdpa'") from e
+        flash = flash_attention(attention)
         for layer in self.model.layers:
             layer.self_attn.flash = flash
