@@ -63,7 +63,8 @@ def _add_common(p, out=True):
 
 
 def cmd_t2i(args):
-    from .t2i import load_t2i, to_uint8
+    from .images import to_uint8
+    from .t2i import load_t2i
 
     dev, dtype = _device_dtype(args)
     pipe = load_t2i(args.model, device=dev, dtype=dtype, attention=args.attention)

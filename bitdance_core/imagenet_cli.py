@@ -6,7 +6,7 @@ from .cli import _add_common, _device_dtype, _progress, save_outputs
 
 def cmd_imagenet(args):
     from .imagenet import load_imagenet
-    from .t2i import to_uint8
+    from .images import to_uint8
 
     dev, dtype = _device_dtype(args)
     pipe = load_imagenet(args.checkpoint, vae=args.vae, config=args.config, device=dev, dtype=dtype)

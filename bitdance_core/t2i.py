@@ -18,7 +18,6 @@ from .autoencoder import AutoencoderConfig, BinaryAutoencoder, build_autoencoder
 from .checkpoints import materialize, open_safetensors, open_sharded, read_json
 from .errors import BitDanceError, require
 from .head import DiffusionHead, HeadConfig
-from .images import to_uint8  # noqa: F401  (re-exported: the official pixel conversion)
 from .positions import blocks_to_raster, sincos_2d_blocks
 from .projector import Projector
 from .prompts import PromptCodec, PromptTokens, load_prompt_codec
