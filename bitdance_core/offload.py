@@ -162,7 +162,9 @@ class StageOffload:
     """Groups of modules, each on the device only while used (or while they fit `budget_bytes`)."""
 
     def __init__(self, groups: dict[str, list[nn.Module]], device, budget_bytes: int | None = None, skip=(),
-                 stats: OffloadStats | None = None):
+                 stats: OffloadStats | None = None, deep: tuple[str, ...] = ()):
+        """deep: groups whose every submodule is hooked, not only their roots: for modules whose
+        parts are called directly (the tiled AE decode runs the decoder's levels one by one)."""
         self.device = torch.device(device)
         self.budget = budget_bytes
         self.homes = {g: WeightHome(mods, device, skip) for g, mods in groups.items()}
@@ -171,8 +173,9 @@ class StageOffload:
         self.stats = stats or OffloadStats()
         self.handles = []
         for g, mods in groups.items():
-            for m in mods:
-                self.handles.append(m.register_forward_pre_hook(lambda _m, _a, g=g: self.use(g)))
+            for root in mods:
+                for m in (root.modules() if g in deep else [root]):
+                    self.handles.append(m.register_forward_pre_hook(lambda _m, _a, g=g: self.use(g)))
 
     def use(self, group: str) -> None:
         if group in self.resident:
@@ -329,11 +332,19 @@ class Offload:
     stream: StreamingBackbone | None
     stats: OffloadStats
 
+    def device_bytes(self) -> int:
+        """Weight bytes held on the device right now (resident groups, resident layers and slots)."""
+        n = self.stage.resident_bytes() if self.stage is not None else 0
+        return n + (self.stream.resident_bytes if self.stream is not None else 0)
+
     def remove(self) -> None:
         if self.stream is not None:
             self.stream.remove()
         if self.stage is not None:
             self.stage.remove()
+
+
+AE_GROUPS = ("decoder", "encoder")  # called once per image, and in parts by the tiled decode: hooked deep
 
 
 def pipeline_groups(pipe, include_backbone: bool = True) -> dict[str, list[nn.Module]]:
@@ -363,10 +374,11 @@ def apply_offload(pipe, mode: str, device, budget_bytes: int | None = None, resi
     host_embeddings(pipe.backbone)
     emb = [pipe.backbone.model.embed_tokens]
     if mode == "stage":
-        stage = StageOffload(pipeline_groups(pipe), device, budget_bytes, skip=emb, stats=stats)
+        stage = StageOffload(pipeline_groups(pipe), device, budget_bytes, skip=emb, stats=stats, deep=AE_GROUPS)
         return Offload(mode, stage, None, stats)
     n = len(pipe.backbone.model.layers)
     resident = n // 2 if resident_layers is None else resident_layers
     stream = StreamingBackbone(pipe.backbone, device, resident, stats=stats)
-    stage = StageOffload(pipeline_groups(pipe, include_backbone=False), device, budget_bytes, stats=stats)
+    stage = StageOffload(pipeline_groups(pipe, include_backbone=False), device, budget_bytes, stats=stats,
+                         deep=AE_GROUPS)
     return Offload(mode, stage, stream, stats)

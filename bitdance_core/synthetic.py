@@ -179,21 +179,7 @@ def save_official_folder(pipe, folder: str, tokenizer_json: str | None = None) -
 
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
-    c = pipe.backbone.config
-    cfg = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "hidden_act": "silu",
-           "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-           "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-           "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
-           "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings, "rope_scaling": None,
-           "tie_word_embeddings": False, "use_sliding_window": False}
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    h = pipe.head.config
-    with open(os.path.join(folder, "vision_head_config.json"), "w") as f:
-        json.dump({k: getattr(h, k) for k in HeadConfig._JSON_KEYS}, f)
-    with open(os.path.join(folder, "ae_config.json"), "w") as f:
-        json.dump(pipe.autoencoder.config.to_json(), f)
+    save_configs(pipe.backbone.config, pipe.head.config, pipe.autoencoder.config, folder)
 
     def sd(m):
         return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
@@ -203,6 +189,25 @@ def save_official_folder(pipe, folder: str, tokenizer_json: str | None = None) -
     save_file(sd(pipe.autoencoder), os.path.join(folder, "ae.safetensors"))
     if tokenizer_json:
         shutil.copy(tokenizer_json, os.path.join(folder, "tokenizer.json"))
+    return folder
+
+
+def save_configs(c: Qwen3Config, h: HeadConfig, ae: AutoencoderConfig, folder: str) -> str:
+    """The three config files of the official layout (config.json, vision_head_config.json,
+    ae_config.json): enough for `describe_t2i` and the memory planner, no weights."""
+    os.makedirs(folder, exist_ok=True)
+    cfg = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "hidden_act": "silu",
+           "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+           "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+           "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+           "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings, "rope_scaling": None,
+           "tie_word_embeddings": False, "use_sliding_window": False}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with open(os.path.join(folder, "vision_head_config.json"), "w") as f:
+        json.dump({k: getattr(h, k) for k in HeadConfig._JSON_KEYS}, f)
+    with open(os.path.join(folder, "ae_config.json"), "w") as f:
+        json.dump(ae.to_json(), f)
     return folder
 
 
@@ -230,5 +235,5 @@ def shape_to_json(shape: Shape) -> dict:
             "note": shape.note}
 
 
-__all__ = ["SHAPES", "Shape", "SyntheticCodec", "build_random_t2i", "custom_shape", "randomize_", "save_official_folder",
+__all__ = ["SHAPES", "Shape", "SyntheticCodec", "build_random_t2i", "custom_shape", "randomize_", "save_configs", "save_official_folder",
            "BitDanceError"]

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from .. import bitdance_core as bd  # noqa: F401  (the public API)
 from ..bitdance_core import find_autoencoder_files  # noqa: F401  (tokenizer file layout)
+from ..bitdance_core import planner as _planner
 from ..bitdance_core.t2i import ModelFiles
+
+# The model loader's memory options (see bitdance_core/planner.py: plan_for)
+WEIGHTS_CHOICES = list(_planner.WEIGHTS_CHOICES)
+OFFLOAD_CHOICES = list(_planner.OFFLOAD_CHOICES)
 
 
 def find_t2i_files(path: str):
@@ -24,3 +29,14 @@ def describe_t2i(path: str) -> dict:
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names, in index order, as the engine ships them."""
     return bd.imagenet_class_names()
+
+
+def plan_t2i(path: str, free_bytes: int, device, dtype, weights: str, offload: str):
+    """The engine's decision (weights, offload mode, why) for a text-to-image model folder, from its
+    config files and the free device memory; raises BitDanceError when nothing asked for fits."""
+    return _planner.plan_for(path, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
+
+
+def load_t2i_planned(path: str, decision, device, dtype, attention: str):
+    """(pipeline, Offload or None), loaded as the decision says."""
+    return _planner.load_planned(path, decision, device, dtype=dtype, attention=attention)

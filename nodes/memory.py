@@ -3,7 +3,11 @@
 Each loaded BitDance model is handed to ComfyUI as a ModelPatcher over its torch modules, so
 ComfyUI can move it to the offload device when another model needs the room, and load_models_gpu
 brings it back (whole: the engine expects every module on one device) before we sample. Before a
-model is read from disk, ComfyUI frees about its size on the target device.
+model is read from disk, ComfyUI frees about its size on the target device (for a text-to-image
+model: the peak the engine's planner predicts).
+
+A text-to-image model loaded with an engine offload mode (stage / stream) is the exception: it
+manages its own GPU residency (see Managed).
 """
 from __future__ import annotations
 
@@ -50,15 +54,35 @@ def size_on_disk(path: str) -> int:
     return total
 
 
-def make_room(path: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Ask ComfyUI to unload other models until about this model's size is free on `device`."""
+def make_room(path: str, device: torch.device, dtype: torch.dtype, need: int | None = None) -> None:
+    """Ask ComfyUI to unload other models until `need` bytes (default: about this model's size) are
+    free on `device`."""
     if device.type == "cpu":
         return
-    need = size_on_disk(path)
-    if dtype == torch.float32:
-        need *= 2  # released weights are bf16 on disk; fp32 doubles them
+    if need is None:
+        need = size_on_disk(path)
+        if dtype == torch.float32:
+            need *= 2  # released weights are bf16 on disk; fp32 doubles them
     mm.free_memory(need, device)
     mm.soft_empty_cache()
+
+
+def free_memory_for_planning(device: torch.device) -> int:
+    """Bytes a model could use on `device`: what is free now, plus what ComfyUI would free by
+    unloading the models it holds there, less ComfyUI's reserve for other applications.
+    On the CPU: the available system memory (the planner does not offload there)."""
+    free = int(mm.get_free_memory(device))
+    if device.type == "cpu":
+        return free
+    freeable = 0
+    for loaded in list(getattr(mm, "current_loaded_models", [])):
+        try:
+            if loaded.device == device and loaded.model is not None:
+                freeable += int(loaded.model_loaded_memory())
+        except Exception:  # a model being collected, or another ComfyUI's bookkeeping: not counted
+            continue
+    reserve = int(mm.extra_reserved_memory()) if hasattr(mm, "extra_reserved_memory") else 0
+    return max(0, free + freeable - reserve)
 
 
 @dataclass(eq=False)
@@ -67,16 +91,33 @@ class Managed:
 
     obj: object  # T2IPipeline, ImageNet pipeline or BinaryAutoencoder
     modules: dict
-    device: torch.device
+    device: torch.device  # where it computes
     key: str  # the resolved path: what a conditioning or latent must match
     name: str
+    offload: object = None  # the engine's Offload (stage / stream hooks), or None: the model is whole on `device`
+    memory: object = None  # the engine's LoadDecision (weights, offload, predicted peak, why), for T2I models
     patcher: comfy.model_patcher.ModelPatcher = field(init=False)
 
     def __post_init__(self):
         container = torch.nn.ModuleDict({k: m for k, m in self.modules.items() if isinstance(m, torch.nn.Module)})
-        self.patcher = comfy.model_patcher.ModelPatcher(container, load_device=self.device,
+        # An offloaded model keeps its weights in CPU memory and the engine's hooks copy parts of it
+        # to `device` while they compute (stream: some layers stay there). ComfyUI must not move it
+        # wholesale: load_models_gpu would .to() every module, i.e. put the whole model on the GPU
+        # (what offloading avoids), or pull the hooks' resident parts back to the CPU under them.
+        # So its patcher's load_device is the offload device: to ComfyUI it is a model that lives in
+        # CPU memory, never loaded onto nor counted against the GPU, and ensure_loaded only makes room
+        # for its planned peak. (The alternative, a ModelPatcher subclass reporting the hooks'
+        # residency, would tie us to ModelPatcher internals that change between ComfyUI versions.)
+        load_device = self.device if self.offload is None else mm.unet_offload_device()
+        self.patcher = comfy.model_patcher.ModelPatcher(container, load_device=load_device,
                                                         offload_device=mm.unet_offload_device())
 
     def ensure_loaded(self) -> None:
-        """Bring the model (whole) onto its device, unloading others if needed."""
-        mm.load_models_gpu([self.patcher], force_full_load=True)
+        """Bring the model (whole) onto its device, unloading others if needed. An offloaded model
+        is not moved: other models are unloaded until its predicted peak, less the weights it
+        already holds on the device, is free."""
+        if self.offload is None:
+            mm.load_models_gpu([self.patcher], force_full_load=True)
+        elif self.device.type != "cpu" and self.memory is not None:
+            need = max(0, self.memory.plan.peak_bytes - self.offload.device_bytes())
+            mm.free_memory(need + mm.extra_reserved_memory(), self.device)

@@ -7,8 +7,8 @@ from comfy_api.latest import io
 
 from . import paths
 from .download import download_release
-from .engine import bd, find_t2i_files
-from .memory import DTYPE_CHOICES, Managed, make_room, pick_device, pick_dtype
+from .engine import OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, find_t2i_files, load_t2i_planned, plan_t2i
+from .memory import DTYPE_CHOICES, Managed, free_memory_for_planning, make_room, pick_device, pick_dtype
 from .validation import check_combos
 from .progress import BlockProgress
 from .types import Conditioning, ConditioningType, ModelType, Tokenizer, TokenizerType, bits_latent, expect
@@ -37,23 +37,39 @@ class BitDanceModelLoader(io.ComfyNode):
                 io.Boolean.Input("download", default=False,
                                  tooltip="Download a released model that is missing into models/bitdance/<name> "
                                          "(Hugging Face; never into a hidden cache)"),
+                # optional: API prompts written before these options existed still validate (as auto)
+                io.Combo.Input("weights", options=WEIGHTS_CHOICES, default="auto", optional=True,
+                               tooltip="fp8: backbone and head linears stored as float8 (half the memory, computed in "
+                                       "dtype). auto: as stored, unless the model does not fit the free GPU memory "
+                                       "without offloading; then fp8. On the CPU auto is as stored."),
+                io.Combo.Input("offload", options=OFFLOAD_CHOICES, default="auto", optional=True,
+                               tooltip="stage: backbone, head and autoencoder each on the GPU only while used. "
+                                       "stream: some backbone layers stay on the GPU, the others are streamed from "
+                                       "CPU memory. auto: the fastest that fits the free GPU memory (the console says "
+                                       "what was chosen and why). On the CPU auto is none."),
             ],
             outputs=[ModelType.Output(display_name="model"), TokenizerType.Output(display_name="tokenizer")],
         )
 
     @classmethod
-    def validate_inputs(cls, model=None, dtype=None, attention=None):
-        return check_combos(cls, model=model, dtype=dtype, attention=attention)
+    def validate_inputs(cls, model=None, dtype=None, attention=None, weights=None, offload=None):
+        return check_combos(cls, model=model, dtype=dtype, attention=attention, weights=weights, offload=offload)
 
     @classmethod
-    def execute(cls, model: str, dtype: str = "auto", attention: str = "auto", download: bool = False) -> io.NodeOutput:
+    def execute(cls, model: str, dtype: str = "auto", attention: str = "auto", download: bool = False,
+                weights: str = "auto", offload: str = "auto") -> io.NodeOutput:
         path = resolve_or_download(model, "model", download)
         device = pick_device()
         torch_dtype = pick_dtype(dtype, device)
-        make_room(path, device, torch_dtype)
-        pipe = bd.load_t2i(path, device=device, dtype=torch_dtype, attention="sdpa" if attention == "auto" else attention)
+        # the engine decides (from the config files and the free memory) and says why
+        decision = plan_t2i(path, free_memory_for_planning(device), device, torch_dtype, weights, offload)
+        print(f"[BitDance] {model}: {decision.summary()}", flush=True)
+        make_room(path, device, torch_dtype, need=decision.plan.peak_bytes)
+        pipe, off = load_t2i_planned(path, decision, device, torch_dtype,
+                                     attention="sdpa" if attention == "auto" else attention)
         managed = Managed(pipe, {"backbone": pipe.backbone, "head": pipe.head, "projector": pipe.projector,
-                                 "autoencoder": pipe.autoencoder}, device, os.path.realpath(path), model)
+                                 "autoencoder": pipe.autoencoder}, device, os.path.realpath(path), model,
+                          offload=off, memory=decision)
         return io.NodeOutput(managed, Tokenizer(pipe.autoencoder, managed))
 
 

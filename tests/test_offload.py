@@ -118,3 +118,19 @@ def test_none_mode_is_the_plain_pipeline(reference):
     off = apply_offload(pipe, "none", "cpu")
     assert off.stage is None and off.stream is None
     assert torch.equal(pipe.generate(PROMPT, **ARGS), bits_ref)
+
+
+def test_tiled_decode_brings_the_decoder_in(reference):
+    """The tiled decode calls the decoder's parts, not the decoder: its group is hooked deep, so it
+    still comes to the device (on a GPU its weights would otherwise be left in CPU memory)."""
+    bits_ref, _, _ = reference
+    plain = build_random_t2i(SHAPE, seed=3)
+    px_ref = plain.autoencoder.decode(bits_ref, tile=32)
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "stage", "cpu")
+    px = pipe.autoencoder.decode(bits_ref, tile=32)
+    assert off.stats.loads == {"decoder": 1} and list(off.stage.resident) == ["decoder"]
+    assert torch.equal(px, px_ref)
+    assert off.device_bytes() == off.stage.sizes["decoder"]
+    off.remove()
+    assert off.device_bytes() == 0

@@ -97,3 +97,106 @@ def test_choose_mode_at_14b():
     # the streamed plan of the issue's target: well under 10 GB
     stream = estimate(*args, mode="stream", resident_layers=4)
     assert stream.peak_bytes < 10e9
+
+
+# ---- plan_for: what the model loader does with weights/offload on "auto" ------------------------------
+
+from paths import FIXTURES  # noqa: E402
+
+from bitdance_core.planner import load_planned, plan_for  # noqa: E402
+from bitdance_core.quant import Fp8Linear  # noqa: E402
+from bitdance_core.synthetic import save_configs  # noqa: E402
+
+GiB = 1 << 30
+TINY_T2I = f"{FIXTURES}/t2i-tiny-p16/model"
+
+
+@pytest.fixture(scope="module", params=["14b-64x", "14b-16x"])
+def folder_14b(request, tmp_path_factory):
+    """A 14B model folder with its three config files only (no weights): the planner reads nothing else."""
+    s = SHAPES[request.param]
+    return save_configs(s.llm, s.head, s.ae, str(tmp_path_factory.mktemp("cfg") / f"BitDance-{request.param}"))
+
+
+def test_plan_for_14b_plenty_of_memory(folder_14b):
+    d = plan_for(folder_14b, 140 * GiB)
+    assert (d.weights, d.offload) == ("as-is", "none") and d.resident_layers is None and d.budget_bytes is None
+    assert "fit without offloading" in d.reason and "weights as-is, offload none" in d.summary()
+    assert d.plan.peak_bytes <= d.usable_bytes < 140 * GiB
+
+
+def test_plan_for_14b_24_gib(folder_14b):
+    s = SHAPES["14b-64x"]
+    d = plan_for(folder_14b, 24 * GiB)
+    # as-is does not fit without offloading: fp8 weights (which fit without offloading)
+    assert (d.weights, d.offload) == ("fp8", "none") and d.plan.fp8
+    assert d.plan.peak_bytes <= d.usable_bytes and "as-is weights need" in d.reason
+    # as-is kept when asked: the fastest offload that fits, the same as choose_mode's
+    d = plan_for(folder_14b, 24 * GiB, weights="as-is")
+    assert (d.weights, d.offload) == ("as-is", "stream") and d.plan.peak_bytes <= d.usable_bytes
+    assert d.resident_layers == choose_mode(24 * GiB, s.llm, s.head, s.ae, 1024, 1024).resident_layers
+    # an explicit offload mode is kept; auto weights stay as-is when they fit with it
+    d = plan_for(folder_14b, 24 * GiB, offload="stream")
+    assert (d.weights, d.offload) == ("as-is", "stream") and d.plan.peak_bytes <= d.usable_bytes
+    # stage offload holds the whole backbone while it runs: 27 GiB as-is, so fp8
+    d = plan_for(folder_14b, 24 * GiB, offload="stage")
+    assert (d.weights, d.offload) == ("fp8", "stage") and d.plan.peak_bytes <= d.usable_bytes
+    assert "with stage offload" in d.reason
+    # as-is without offloading does not fit: a clear error that says what would
+    with pytest.raises(BitDanceError, match=r"does not fit the GPU: 24.0 GiB free.*needs 3\d.\d GiB\. "
+                                            r"weights=fp8 with offload=none would fit"):
+        plan_for(folder_14b, 24 * GiB, weights="as-is", offload="none")
+
+
+def test_plan_for_14b_small_cards(folder_14b):
+    for free in (12, 8):
+        d = plan_for(folder_14b, free * GiB)
+        assert (d.weights, d.offload) == ("fp8", "stream") and d.plan.peak_bytes <= free * GiB * 0.9
+        assert 0 < d.resident_layers < 40 and d.budget_bytes == d.plan.budget_bytes
+    with pytest.raises(BitDanceError, match="would fit"):
+        plan_for(folder_14b, 12 * GiB, offload="none")
+    with pytest.raises(BitDanceError, match=r"does not fit the GPU: 2.0 GiB free.*the smallest plan \(fp8 weights, with "
+                                            r"stream offload\) needs \d.\d GiB\. No setting fits"):
+        plan_for(folder_14b, 2 * GiB)
+
+
+def test_plan_for_the_tiny_fixture():
+    d = plan_for(TINY_T2I, 8 * GiB, dtype=torch.float32)
+    assert (d.weights, d.offload) == ("as-is", "none")
+    assert d.as_dict()["summary"] == d.summary() and d.as_dict()["peak_bytes"] == d.plan.peak_bytes
+    with pytest.raises(BitDanceError, match="does not fit the GPU.*No setting fits"):
+        plan_for(TINY_T2I, 256 << 20, dtype=torch.float32)  # less than the reserve
+
+
+def test_plan_for_on_the_cpu_never_offloads_on_auto():
+    d = plan_for(TINY_T2I, 1 << 20, device="cpu", dtype=torch.float32)  # the free figure does not matter there
+    assert (d.weights, d.offload) == ("as-is", "none") and "CPU" in d.reason
+    d = plan_for(TINY_T2I, None, device="cpu", dtype=torch.float32, weights="fp8")
+    assert (d.weights, d.offload) == ("fp8", "none") and d.plan.fp8
+    d = plan_for(TINY_T2I, None, device="cpu", dtype=torch.float32, offload="stream")
+    assert (d.weights, d.offload) == ("as-is", "stream") and d.resident_layers == 1  # half of 2 layers
+    with pytest.raises(BitDanceError, match="weights 'bf8' unknown"):
+        plan_for(TINY_T2I, None, device="cpu", weights="bf8")
+    with pytest.raises(BitDanceError, match="offload 'swap' unknown"):
+        plan_for(TINY_T2I, None, device="cpu", offload="swap")
+
+
+def test_load_planned_on_the_cpu():
+    """What the loader node does: auto = the plain float32 pipeline; fp8 and offload modes work on the CPU."""
+    kw = dict(height=128, width=128, steps=2, cfg=4.0, seed=5)
+    from bitdance_core import load_t2i
+
+    ref = load_t2i(TINY_T2I, device="cpu", dtype=torch.float32)
+    bits_ref = ref.generate("a red fox", **kw)
+    for weights, offload in (("auto", "auto"), ("auto", "stage"), ("auto", "stream")):
+        d = plan_for(TINY_T2I, None, device="cpu", dtype=torch.float32, weights=weights, offload=offload)
+        pipe, off = load_planned(TINY_T2I, d, "cpu", torch.float32)
+        assert (off is None) == (d.offload == "none")
+        assert torch.equal(pipe.generate("a red fox", **kw), bits_ref), (weights, offload)
+        if off is not None:
+            assert off.mode == offload and off.device_bytes() >= 0
+    d = plan_for(TINY_T2I, None, device="cpu", dtype=torch.float32, weights="fp8")
+    pipe, off = load_planned(TINY_T2I, d, "cpu", torch.float32)
+    assert off is None and any(isinstance(m, Fp8Linear) for m in pipe.backbone.modules())
+    bits = pipe.generate("a red fox", **kw)
+    assert bits.shape == bits_ref.shape and set(bits.unique().tolist()) <= {-1.0, 1.0}

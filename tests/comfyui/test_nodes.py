@@ -11,7 +11,8 @@ import pytest
 from helpers import NODE_IDS, REPO, TEST_WORKFLOWS, load, node_of, tiny_t2i
 
 EXPECTED = {
-    "BitDanceModelLoader": ({"model": "COMBO", "dtype": "COMBO", "attention": "COMBO", "download": "BOOLEAN"},
+    "BitDanceModelLoader": ({"model": "COMBO", "dtype": "COMBO", "attention": "COMBO", "download": "BOOLEAN",
+                             "weights": "COMBO", "offload": "COMBO"},
                             ["BITDANCE_MODEL", "BITDANCE_TOKENIZER"]),
     "BitDanceTextEncode": ({"model": "BITDANCE_MODEL", "prompt": "STRING", "negative_prompt": "STRING"},
                            ["BITDANCE_CONDITIONING"]),
@@ -101,7 +102,15 @@ def test_t2i_equals_the_cli(comfy, tmp_path, fixtures_dir):
     # progress: one update per AR block (256x256 at 16 tokens per block = 16 blocks), live previews
     sampler_id = next(k for k, v in wf.items() if v["class_type"] == "BitDanceARSampler")
     prog = [d for t, d in msgs if t == "progress" and d.get("node") == sampler_id]
-    assert [p["value"] for p in prog] == list(range(1, 17)) and {p["max"] for p in prog} == {16}
+    values = [p["value"] for p in prog]
+    assert {p["max"] for p in prog} == {16}
+    if comfy.get("/system_stats")["system"]["comfyui_version"] == "0.3.75":
+        assert values == list(range(1, 17))
+    else:
+        # Newer ComfyUI (since January 2026) drops updates that come under 100 ms after the last one
+        # sent, except the first, the last and those carrying a preview (here every 2nd block).
+        assert values == sorted(set(values)) and values[0] == 1 and values[-1] == 16, values
+        assert set(range(2, 16, 2)) <= set(values), values
     assert binary >= 4, "expected live preview frames over the websocket"
 
 

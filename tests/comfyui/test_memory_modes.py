@@ -1,0 +1,82 @@
+"""The model loader's memory options on the real server (CPU): weights (auto / as-is / fp8) and
+offload (auto / none / stage / stream), decided by the engine's planner and announced in the console."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from helpers import node_of, tiny_t2i
+
+SEED = 7301  # seeds of this module only: every run below computes (none is a cached result)
+
+
+def _loader(wf: dict) -> dict:
+    return node_of(wf, "BitDanceModelLoader")["inputs"]
+
+
+def _run(comfy, wf: dict) -> tuple[np.ndarray, str]:
+    """(the one output image as uint8 HxWx3, what the server printed while running it)."""
+    start = os.path.getsize(comfy.log_path)
+    entry = comfy.run(wf, timeout=600)
+    images = [im for ims in comfy.images(entry).values() for im in ims]
+    assert len(images) == 1, entry.get("outputs")
+    with open(comfy.log_path, errors="replace") as f:
+        f.seek(start)
+        log = f.read()
+    return np.asarray(images[0].convert("RGB")), log
+
+
+def _decision(log: str) -> str:
+    lines = [l for l in log.splitlines() if l.startswith("[BitDance] t2i-tiny-p16: ")]
+    assert len(lines) == 1, f"expected one decision line from the loader, got:\n{log[-3000:]}"
+    return lines[0]
+
+
+def _plain_float32(seed: int) -> dict:
+    """The workflow as it was before the memory options existed (they are optional), in float32."""
+    wf = tiny_t2i(seed=seed)
+    ins = _loader(wf)
+    ins.pop("weights", None)
+    ins.pop("offload", None)
+    ins["dtype"] = "fp32"
+    return wf
+
+
+def test_loader_lists_the_memory_options(comfy):
+    info = comfy.get("/object_info/BitDanceModelLoader")["BitDanceModelLoader"]["input"]
+    weights, offload = info["optional"]["weights"], info["optional"]["offload"]
+    assert weights[1]["options"] == ["auto", "as-is", "fp8"] and weights[1]["default"] == "auto"
+    assert offload[1]["options"] == ["auto", "none", "stage", "stream"] and offload[1]["default"] == "auto"
+    status, body = comfy.post_prompt(_with(tiny_t2i(seed=SEED), weights="int4"))
+    assert status == 400 and "weights 'int4' is not available" in str(body)
+
+
+def _with(wf: dict, **inputs) -> dict:
+    _loader(wf).update(inputs)
+    return wf
+
+
+def test_fp8_weights_make_an_image(comfy):
+    img, log = _run(comfy, _with(tiny_t2i(seed=SEED + 1), weights="fp8", offload="auto"))
+    assert img.shape == (128, 128, 3) and img.std() > 1.0
+    line = _decision(log)
+    assert "weights fp8, offload none" in line and "on cpu" in line, line
+
+
+def test_auto_is_the_plain_float32_run(comfy):
+    plain, _ = _run(comfy, _plain_float32(SEED + 2))
+    auto, log = _run(comfy, _with(tiny_t2i(seed=SEED + 2), dtype="auto", weights="auto", offload="auto"))
+    line = _decision(log)
+    assert "weights as-is, offload none" in line and "on the CPU" in line, line
+    assert np.array_equal(auto, plain)
+
+
+def test_offload_modes_give_the_same_image(comfy):
+    """Explicit offload on the CPU runs the engine's hooks (real copies, device "cpu") through the
+    nodes: the ModelPatcher leaves the model alone, and the image is the plain run's."""
+    plain, _ = _run(comfy, _plain_float32(SEED + 3))
+    for mode in ("stage", "stream"):
+        img, log = _run(comfy, _with(tiny_t2i(seed=SEED + 3), dtype="fp32", weights="as-is", offload=mode))
+        assert f"weights as-is, offload {mode}" in _decision(log)
+        assert np.array_equal(img, plain), mode
