@@ -554,14 +554,31 @@ def measure_peak(fn, device="cpu"):
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    marker_bytes = 7 * 4099  # an allocation of an odd size names the calling thread in the trace
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        marker = torch.empty(marker_bytes, dtype=torch.uint8)
+        del marker
         out = fn()
-    totals = []
+    events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         e = stack.pop()
         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            totals.append((e.start_time_ns, e.extra_fields.total_allocated))
+            events.append((e.start_time_ns, e.start_tid, e.extra_fields.alloc_size, e.extra_fields.ptr))
         stack.extend(e.children)
-    totals.sort()
-    return out, max((t for _, t in totals), default=0)
+    events.sort()
+    # Only this thread's allocations made inside the window count: the allocator's running total also
+    # moves with other threads and with frees of older tensors (garbage from earlier work), which
+    # made the figure depend on what ran before.
+    tid = next((t for _, t, size, _ in events if size == marker_bytes), None)
+    live, total, peak = {}, 0, 0
+    for _, t, size, ptr in events:
+        if t != tid or abs(size) == marker_bytes:
+            continue
+        if size > 0:
+            live[ptr] = size
+            total += size
+            peak = max(peak, total)
+        elif ptr in live:
+            total -= live.pop(ptr)
+    return out, peak
