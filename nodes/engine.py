@@ -6,8 +6,15 @@ from __future__ import annotations
 
 from .. import bitdance_core as bd  # noqa: F401  (the public API)
 from ..bitdance_core import find_autoencoder_files  # noqa: F401  (tokenizer file layout)
+from ..bitdance_core import demo_models as _demo
 from ..bitdance_core import planner as _planner
 from ..bitdance_core.t2i import ModelFiles
+
+# The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
+# text-to-image model folder and the class-conditional checkpoint (they may not be there yet)
+DEMO_DIR = _demo.HERE
+DEMO_T2I = _demo.T2I
+DEMO_IMAGENET = _demo.IMAGENET
 
 # The model loader's memory options (see bitdance_core/planner.py: plan_for)
 WEIGHTS_CHOICES = list(_planner.WEIGHTS_CHOICES)

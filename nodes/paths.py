@@ -3,6 +3,10 @@ for the `bitdance` folder name), listed fresh on every call so the dropdowns fol
 
 Which files make a model is the engine's knowledge (bitdance_core); this module only walks
 folders and asks the engine whether a candidate qualifies.
+
+The demo models shipped inside the engine (bitdance_core/demo_models/) are listed too, without
+copying, under the names `demo/<path inside demo_models>` (e.g. `demo/digits-t2i`,
+`demo/digits-imagenet/model.pt`), after the models on disk.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import os
 
 import folder_paths
 
-from .engine import bd, find_autoencoder_files, find_t2i_files
+from .engine import DEMO_DIR, DEMO_IMAGENET, DEMO_T2I, bd, find_autoencoder_files, find_t2i_files
 
 FOLDER = "bitdance"
 EXTENSIONS = {".safetensors", ".pt", ".pth", ".json"}
@@ -23,6 +27,7 @@ RELEASES = {
     "BitDance-ImageNet": "shallowdream204/BitDance-ImageNet",
 }
 T2I_RELEASES = ("BitDance-14B-64x", "BitDance-14B-16x")
+DEMO = "demo"  # the name prefix of the built-in demo models
 
 
 def register() -> None:
@@ -89,15 +94,27 @@ def _qualifies(finder, path: str) -> bool:
         return False
 
 
+def _demo_name(path: str) -> str:
+    return f"{DEMO}/{_rel(DEMO_DIR, path)}"
+
+
+def _with_demos(found: list[str], demos: list[str]) -> list[str]:
+    """The names found on disk (sorted), then the built-in demo ones not among them."""
+    found = sorted(dict.fromkeys(found))
+    return found + [n for n in demos if n not in found]
+
+
 def list_t2i_models() -> list[str]:
-    """Folders holding a text-to-image model (official or diffusers layout), then the released
-    names not yet on disk (the loader downloads those when asked, or says where they go)."""
+    """Folders holding a text-to-image model (official or diffusers layout), the built-in demo model,
+    then the released names not yet on disk (the loader downloads those when asked, or says where
+    they go)."""
     found = []
     for root in roots():
         for d in _dirs(root):
             if _qualifies(find_t2i_files, d):
                 found.append(_rel(root, d))
-    found = sorted(dict.fromkeys(found))
+    demos = [_demo_name(DEMO_T2I)] if _qualifies(find_t2i_files, DEMO_T2I) else []
+    found = _with_demos(found, demos)
     return found + [n for n in T2I_RELEASES if n not in found]
 
 
@@ -112,7 +129,8 @@ def list_tokenizers() -> list[str]:
         for f in _files(root, (".safetensors",)):
             if os.path.basename(f).startswith("ae_") and _qualifies(find_autoencoder_files, f):
                 found.append(_rel(root, f))
-    return sorted(dict.fromkeys(found))
+    demos = [_demo_name(DEMO_T2I)] if _qualifies(find_autoencoder_files, DEMO_T2I) else []
+    return _with_demos(found, demos)
 
 
 def list_checkpoints(suffixes=(".pt", ".pth")) -> list[str]:
@@ -120,7 +138,8 @@ def list_checkpoints(suffixes=(".pt", ".pth")) -> list[str]:
     for root in roots():
         for f in _files(root, suffixes):
             found.append(_rel(root, f))
-    return sorted(dict.fromkeys(found))
+    demos = [_demo_name(DEMO_IMAGENET)] if os.path.isfile(DEMO_IMAGENET) and DEMO_IMAGENET.endswith(suffixes) else []
+    return _with_demos(found, demos)
 
 
 def resolve(name: str, what: str) -> str:
@@ -129,9 +148,12 @@ def resolve(name: str, what: str) -> str:
         raise bd.BitDanceError(f"no {what} chosen")
     if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
         raise bd.BitDanceError(f"{what} '{name}': give a name inside models/{FOLDER}/, not a path")
+    parts = name.split("/")
+    # a built-in demo model first (a folder models/bitdance/demo/ of the user's comes next)
+    candidates = [os.path.join(DEMO_DIR, *parts[1:])] if parts[0] == DEMO and len(parts) > 1 else []
+    candidates += [os.path.join(root, *parts) for root in folder_paths.get_folder_paths(FOLDER)]
     tried = []
-    for root in folder_paths.get_folder_paths(FOLDER):
-        p = os.path.join(root, *name.split("/"))
+    for p in candidates:
         tried.append(p)
         if os.path.exists(p):
             return p

@@ -131,9 +131,10 @@ class BitDanceARSampler(io.ComfyNode):
                 ConditioningType.Input("negative", optional=True,
                                        tooltip="Its prompt replaces the unconditional prompt (overrides the "
                                                "positive node's negative prompt)"),
-                io.Int.Input("width", default=1024, min=64, max=4096, step=64,
-                             tooltip="Must divide by the model's block size: 128 px (64x models) or 64 px (16x)"),
-                io.Int.Input("height", default=1024, min=64, max=4096, step=64),
+                io.Int.Input("width", default=1024, min=16, max=4096, step=16,
+                             tooltip="Must divide by the model's block size: 128 px (64x models), 64 px (16x), "
+                                     "16 px (the digits demo model, 32 px native)"),
+                io.Int.Input("height", default=1024, min=16, max=4096, step=16),
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Diffusion-head steps per AR block"),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Guidance scale; 1 or less turns guidance off"),

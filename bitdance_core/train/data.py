@@ -66,3 +66,29 @@ def digit_classifier(size: int = 32):
     images, labels = load_digits_8x8()
     feats = to_ink8(to_pixels(torch.from_numpy(images), size))
     return SVC(gamma=0.001, C=10.0).fit(feats, labels)
+
+
+# ---- prompts of the text-to-image demo --------------------------------------------------------------
+
+TEMPLATES = [
+    "a handwritten digit {name}",
+    "the digit {name}",
+    "a handwritten {name}",
+    "handwritten number {d}",
+    "the number {name}",
+    "the number {d}",
+    "digit {d}",
+    "{name}",
+    "a hand-drawn {name}",
+    "a picture of the handwritten digit {d}",
+]
+
+
+def prompt(label: int, template: int = 0) -> str:
+    """The prompt of a digit; template 0 is the canonical "a handwritten digit seven"."""
+    return TEMPLATES[template].format(name=NAMES[label], d=label)
+
+
+def corpus() -> list[str]:
+    """Every training prompt (what the text tokenizer is trained on)."""
+    return [prompt(d, t) for t in range(len(TEMPLATES)) for d in range(10)]

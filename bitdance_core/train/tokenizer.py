@@ -67,11 +67,11 @@ def roundtrip_psnr(ae: BinaryAutoencoder, pixels: torch.Tensor) -> float:
     return psnr(ae.decode(ae.encode(pixels)), pixels)
 
 
-def train_tokenizer(out: str, seed: int = 0, steps: int = 1500, batch: int = 64, lr: float = 2e-3,
+def train_tokenizer(out: str, seed: int = 0, steps: int = 800, batch: int = 48, lr: float = 2e-3,
                     w_entropy: float = 0.02, w_commit: float = 0.25, size: int = 32,
-                    cfg: AutoencoderConfig = DEMO_AE) -> BinaryAutoencoder:
+                    cfg: AutoencoderConfig = DEMO_AE, threads: int = 2) -> BinaryAutoencoder:
     """Trains on the training split, writes out/ae_config.json + out/ae.safetensors, returns the model."""
-    gen = setup(seed)
+    gen = setup(seed, threads)
     images, labels = data.load_digits_8x8()
     (train, _), (held, _) = data.split(images, labels)
     train_px = data.to_pixels(torch.from_numpy(train), size)
@@ -97,13 +97,13 @@ def train_tokenizer(out: str, seed: int = 0, steps: int = 1500, batch: int = 64,
         log.step(step, rec=l_rec.item(), ent=per_token.item(), code_ent=codebook.item(), commit=l_commit.item())
 
     ae.eval()
-    seconds = log.elapsed()
+    seconds, cpu = log.elapsed(), log.cpu()
     held_psnr = roundtrip_psnr(ae, held_px)
     train_psnr = roundtrip_psnr(ae, train_px[:300])
     print(f"[tokenizer] {seconds:.0f} s; round-trip PSNR held-out {held_psnr:.2f} dB, train {train_psnr:.2f} dB", flush=True)
     save_tokenizer(ae, out)
     save_json(os.path.join(out, "train_tokenizer.json"),
-              {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "seconds": round(seconds, 1),
+              {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
                "psnr_heldout_db": round(held_psnr, 2), "psnr_train_db": round(train_psnr, 2),
                "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     return ae

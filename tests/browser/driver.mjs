@@ -2,6 +2,8 @@
 //
 //   node driver.mjs convert CONFIG.json   API-format workflows -> UI-format files (what the UI saves)
 //   node driver.mjs test CONFIG.json      the browser test (see tests/comfyui/test_browser.py)
+//   node driver.mjs shot CONFIG.json      load the UI workflow "run", queue it from the page, wait for
+//                                         its output image, screenshot (the README's picture)
 //
 // CONFIG: {"url": ..., "screenshot": ..., "convert": [[api_path, ui_path], ...],
 //          "ui_workflows": [[ui_path, api_path], ...], "run": ui_path}
@@ -13,6 +15,31 @@ const [mode, configPath] = process.argv.slice(2);
 const cfg = JSON.parse(fs.readFileSync(configPath, "utf8"));
 const ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"];
+
+// Queue the loaded graph from the page, wait for the Save Image node to show its output, fit the
+// view and take the screenshot; returns {output, new_prompts}.
+async function queueAndShoot(page, url, screenshot) {
+  const before = await (await fetch(url + "/history")).json();
+  await page.evaluate(() => window.app.queuePrompt(0, 1));
+  await page.waitForFunction(() => {
+    const save = window.app.graph._nodes.find((n) => n.comfyClass === "SaveImage");
+    return save?.imgs?.length > 0 && save.imgs[0].complete && save.imgs[0].naturalWidth > 0;
+  }, null, { timeout: 240000 });
+  const output = await page.evaluate(() => {
+    const save = window.app.graph._nodes.find((n) => n.comfyClass === "SaveImage");
+    return { src: save.imgs[0].src, width: save.imgs[0].naturalWidth, height: save.imgs[0].naturalHeight };
+  });
+  const after = await (await fetch(url + "/history")).json();
+  const new_prompts = Object.keys(after).filter((k) => !(k in before)).length;
+  await page.keyboard.press("Escape");
+  await page.evaluate(async () => {
+    try { await window.app.extensionManager.command.execute("Comfy.Canvas.FitView"); } catch (e) { /* older frontends */ }
+    window.app.graph.setDirtyCanvas(true, true);
+  });
+  await page.waitForTimeout(800);
+  await page.screenshot({ path: screenshot });
+  return { output, new_prompts };
+}
 
 const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ARGS });
 const result = { console_errors: [] };
@@ -101,25 +128,15 @@ try {
     });
 
     // 4. queue from the page; the output image appears on the Save Image node
-    const before = await (await fetch(cfg.url + "/history")).json();
-    await page.evaluate(() => window.app.queuePrompt(0, 1));
-    await page.waitForFunction(() => {
-      const save = window.app.graph._nodes.find((n) => n.comfyClass === "SaveImage");
-      return save?.imgs?.length > 0 && save.imgs[0].complete && save.imgs[0].naturalWidth > 0;
-    }, null, { timeout: 240000 });
-    result.output = await page.evaluate(() => {
-      const save = window.app.graph._nodes.find((n) => n.comfyClass === "SaveImage");
-      return { src: save.imgs[0].src, width: save.imgs[0].naturalWidth, height: save.imgs[0].naturalHeight };
-    });
-    const after = await (await fetch(cfg.url + "/history")).json();
-    result.new_prompts = Object.keys(after).filter((k) => !(k in before)).length;
-    await page.keyboard.press("Escape");
-    await page.evaluate(async () => {
-      try { await window.app.extensionManager.command.execute("Comfy.Canvas.FitView"); } catch (e) { /* older frontends */ }
-      window.app.graph.setDirtyCanvas(true, true);
-    });
-    await page.waitForTimeout(800);
-    await page.screenshot({ path: cfg.screenshot });
+    Object.assign(result, await queueAndShoot(page, cfg.url, cfg.screenshot));
+    result.screenshot = cfg.screenshot;
+  }
+
+  if (mode === "shot") {
+    const ui = JSON.parse(fs.readFileSync(cfg.run, "utf8"));
+    await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, ui);
+    await page.waitForTimeout(1000);  // the web extension asks the server about the model
+    Object.assign(result, await queueAndShoot(page, cfg.url, cfg.screenshot));
     result.screenshot = cfg.screenshot;
   }
   console.log(JSON.stringify(result));

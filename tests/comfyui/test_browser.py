@@ -7,7 +7,8 @@
   page and the output image appears on its Save Image node; a screenshot is kept in tests/artifacts/.
 
 `BITDANCE_WRITE_UI_WORKFLOWS=1 pytest tests/comfyui/test_browser.py -k write` regenerates the
-UI-format files from the API-format ones through the real frontend.
+UI-format files from the API-format ones through the real frontend, and the README's screenshot
+(docs/images/comfyui_demo_digits.png: workflows/demo_digits_t2i.json after a run in the page).
 """
 from __future__ import annotations
 
@@ -59,6 +60,17 @@ def test_write_ui_workflows(comfy, upload_example, tmp_path):
         for d in made:
             shutil.rmtree(d)
     assert out["converted"] == len(pairs)
+
+
+@pytest.mark.writer
+def test_write_readme_screenshot(comfy, tmp_path):
+    shot = os.path.join(REPO, "docs", "images", "comfyui_demo_digits.png")
+    ui = os.path.join(WORKFLOWS, "demo_digits_t2i.json")
+    # after the UI-format files (-k write runs both; this one needs the regenerated demo workflow)
+    out = _drive(comfy, "shot", {"screenshot": shot, "run": ui}, tmp_path)
+    assert not out["console_errors"], out["console_errors"]
+    assert out["new_prompts"] == 1 and out["output"]["width"] > 0, out
+    assert os.path.getsize(shot) > 10_000
 
 
 def test_browser(comfy, upload_example, tmp_path):

@@ -1,5 +1,6 @@
 """Every API-format workflow in workflows/ runs on the server, with the tiny fixture models put in
-place of the released ones they name (and sizes/steps scaled down for the CPU)."""
+place of the released ones they name (and sizes/steps scaled down for the CPU). The demo workflows
+(built-in demo models, `demo/...`) run exactly as committed."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,8 @@ import pytest
 
 from helpers import WORKFLOWS, load
 
+from bitdance_core import demo_models
+
 # released name -> tiny fixture name, as placed by conftest in models/bitdance/
 MODEL_MAP = {
     "BitDance-14B-64x": "t2i-tiny-p16",
@@ -19,13 +22,36 @@ MODEL_MAP = {
 }
 
 
+MODEL_KEYS = ("model", "checkpoint", "tokenizer")
+
+
+def is_demo(wf: dict) -> bool:
+    """Whether the workflow uses the built-in demo models (shipped in the repo: nothing to substitute)."""
+    return any(isinstance(n["inputs"].get(k), str) and n["inputs"][k].startswith("demo/")
+               for n in wf.values() for k in MODEL_KEYS)
+
+
+def demo_sizes(wf: dict) -> list[tuple[int, int]]:
+    expect = []
+    for node in wf.values():
+        ins, ct = node["inputs"], node["class_type"]
+        if ct == "BitDanceARSampler":
+            expect += [(ins["width"], ins["height"])] * ins["batch_size"]
+        elif ct == "BitDanceImageNetSampler":
+            expect += [(demo_models.SIZE, demo_models.SIZE)] * ins["batch_size"]
+    return expect
+
+
 def tiny_version(wf: dict) -> tuple[dict, list[tuple[int, int]]]:
-    """The workflow with fixture models, small sizes and few steps; and the image sizes to expect."""
+    """The workflow with fixture models, small sizes and few steps; and the image sizes to expect.
+    A demo workflow stays as it is."""
+    if is_demo(wf):
+        return copy.deepcopy(wf), demo_sizes(wf)
     wf = copy.deepcopy(wf)
     expect = []
     for node in wf.values():
         ins, ct = node["inputs"], node["class_type"]
-        for key in ("model", "checkpoint", "tokenizer"):
+        for key in MODEL_KEYS:
             if isinstance(ins.get(key), str):
                 assert ins[key] in MODEL_MAP, f"{ct}.{key} = {ins[key]!r}: not a released name this test knows"
                 ins[key] = MODEL_MAP[ins[key]]
@@ -46,6 +72,7 @@ API_FILES = sorted(glob.glob(os.path.join(WORKFLOWS, "*.api.json")))
 
 def test_every_workflow_has_both_formats():
     assert len(API_FILES) >= 4
+    assert os.path.join(WORKFLOWS, "demo_digits_t2i.api.json") in API_FILES
     for api in API_FILES:
         assert os.path.isfile(api.replace(".api.json", ".json")), f"{api}: no UI-format twin"
 
