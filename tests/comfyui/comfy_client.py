@@ -24,19 +24,9 @@ class ComfyClient:
 
     # --- plain HTTP -------------------------------------------------------------------------
     def request(self, method: str, path: str, body=None, timeout: float = 30):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                raw = r.read()
-                status = r.status
-        except urllib.error.HTTPError as e:
-            raw, status = e.read(), e.code
-        try:
-            return status, json.loads(raw) if raw else None
-        except ValueError:
-            return status, raw
+        from run_workflow import request  # scripts/ (on sys.path via conftest): the demo command's client
+
+        return request(self.url + path, method, body, timeout)
 
     def get(self, path: str):
         status, body = self.request("GET", path)

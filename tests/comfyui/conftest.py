@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,9 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from comfy_client import ComfyClient  # noqa: E402
+from run_workflow import free_port, tail  # noqa: E402  (the demo command's own helpers)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMFY_DIR = os.path.abspath(os.environ.get("BITDANCE_COMFYUI_DIR") or os.path.join(REPO, ".comfyui"))
@@ -37,20 +38,6 @@ MODELS = {
     "ae-tiny": os.path.join(FIXTURES, "ae-tiny"),
     "imagenet-tiny-p4": os.path.join(FIXTURES, "imagenet-tiny-p4"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: str, n: int = 60) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 def _place_models(models_dir: str) -> None:
@@ -87,7 +74,7 @@ def comfy(tmp_path_factory):
     os.symlink(REPO, os.path.join(base, "custom_nodes", PACK_NAME))
     _place_models(os.path.join(base, "models"))
 
-    port = _free_port()
+    port = free_port()
     log_path = os.path.join(base, "comfyui.log")
     cmd = [COMFY_PYTHON, os.path.join(REPO, "tests", "comfy_launcher.py"), COMFY_DIR,
            "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
@@ -101,11 +88,11 @@ def comfy(tmp_path_factory):
         deadline = time.time() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{_tail(log_path)}")
+                pytest.fail(f"ComfyUI exited with {proc.returncode} while starting:\n{tail(log_path, 60)}")
             if client.ready("BitDanceModelLoader"):
                 break
             if time.time() > deadline:
-                pytest.fail(f"ComfyUI did not answer /object_info within {START_TIMEOUT} s:\n{_tail(log_path)}")
+                pytest.fail(f"ComfyUI did not answer /object_info within {START_TIMEOUT} s:\n{tail(log_path, 60)}")
             time.sleep(0.5)
         client.startup_s = START_TIMEOUT - (deadline - time.time())
         yield client
