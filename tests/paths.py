@@ -27,3 +27,13 @@ def official_keys() -> dict[str, dict[str, tuple]]:
                 out_shape = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
                 cur[key] = out_shape
     return out
+
+
+def run_cli(*args, timeout: int = 900):
+    """`python -m bitdance_core ARGS` from the repo, one thread (as the fixtures were made)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "bitdance_core", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

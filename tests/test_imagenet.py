@@ -2,8 +2,6 @@
 import builtins
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,18 +12,12 @@ from bitdance_core.checkpoints import expected_shapes, load_pt
 from bitdance_core.imagenet import build_imagenet
 from bitdance_core.imagenet_classes import class_index, imagenet_class_names, parse_classes
 from bitdance_core.imagenet_config import ImageNetConfig, config_from_shapes
-from paths import REPO, fixture_dirs, official_keys
+from paths import fixture_dirs, official_keys, run_cli
 
 FIXTURES = fixture_dirs("imagenet-")
 CASES = [(fx, c) for fx in FIXTURES for c in sorted(os.listdir(fx)) if os.path.isfile(os.path.join(fx, c, "params.json"))]
 TINY = next((f for f in FIXTURES if os.path.basename(f) == "imagenet-tiny-p4"), None)
 needs_tiny = pytest.mark.skipif(TINY is None, reason="shared/fixtures/imagenet-tiny-p4 not present")
-
-
-def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "bitdance_core", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("fixture,case", CASES, ids=[f"{os.path.basename(f)}/{c}" for f, c in CASES])

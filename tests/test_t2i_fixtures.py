@@ -1,13 +1,11 @@
 """The official text-to-image fixtures, reproduced through the CLI on the CPU in float32."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from paths import REPO, fixture_dirs
+from paths import fixture_dirs, run_cli
 
 CASES = [(fx, c) for fx in fixture_dirs("t2i-") for c in sorted(os.listdir(fx))
          if os.path.isfile(os.path.join(fx, c, "params.json"))]
@@ -17,12 +15,6 @@ def blocks_to_raster(tokens: np.ndarray, h: int, w: int, ps: int) -> np.ndarray:
     """Fixture layout [B, h*w, C] '(h w p1 p2)' -> [B, C, h, w] (written independently of the engine)."""
     b, n, c = tokens.shape
     return tokens.reshape(b, h // ps, w // ps, ps, ps, c).transpose(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
-
-
-def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "bitdance_core", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("fixture,case", CASES, ids=[f"{os.path.basename(f)}/{c}" for f, c in CASES])

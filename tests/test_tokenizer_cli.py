@@ -1,21 +1,17 @@
 """The tokenizer CLI on the official ae-tiny fixture (and any other ae-* fixtures): encode bits
 identical, decode within 1e-4."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from paths import REPO, fixture_dirs
+from paths import fixture_dirs, run_cli
 
 AE_FIXTURES = fixture_dirs("ae-")
 
 
 def cli(*args):
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "bitdance_core", "tokenizer", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_cli("tokenizer", *args, timeout=300)
 
 
 @pytest.mark.parametrize("fx", AE_FIXTURES, ids=[os.path.basename(f) for f in AE_FIXTURES])
