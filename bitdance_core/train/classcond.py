@@ -9,7 +9,6 @@ pos_for_diff, condition the diffusion head on blocks 0 .. S-1.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from ..imagenet import ImageNetModel, apply_rope
 from ..imagenet_config import ImageNetConfig
 from ..positions import raster_to_blocks
 from . import data
-from .common import EMA, Log, adamw, lr_at, save_json, setup
+from .common import EMA, Log, adamw, lr_at, optimize, run_summary, save_json, setup
 from .diffusion import drop_labels, flip_bits, flow_loss, init_head, init_linear_embed
 
 # Constructor arguments of upstream BitDance (model_parallel.py), as config.json records them.
@@ -124,19 +123,12 @@ def train_classcond(out: str, ae: BinaryAutoencoder, seed: int = 0, steps: int =
             g["lr"] = lr_at(step, steps, lr, warmup=100)
         idx = torch.randint(0, len(tokens), (batch,), generator=gen)
         loss = training_loss(model, tokens[idx], ys[idx], mask, kw)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
+        optimize(opt, model, ema, loss)
         log.step(step, loss=loss.item())
-    seconds, cpu = log.elapsed(), log.cpu()
+    summary = run_summary(log, seed=seed, steps=steps, batch=batch, lr=lr, ema=ema_decay, shifts=shifts)
     save_classcond(ema.model, kw, out)
-    summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "ema": ema_decay, "shifts": shifts,
-               "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "threads": torch.get_num_threads(),
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     save_json(os.path.join(out, "train_classcond.json"), summary)
-    print(f"[classcond] {seconds:.0f} s wall, {cpu:.0f} s cpu", flush=True)
+    print(f"[classcond] {summary['seconds']:.0f} s wall, {summary['cpu_seconds']:.0f} s cpu", flush=True)
     return ema.model
 
 

@@ -91,3 +91,18 @@ def save_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def optimize(opt: torch.optim.Optimizer, model: nn.Module, ema: "EMA", loss: torch.Tensor) -> None:
+    """One optimiser step (gradients clipped to norm 1), then the EMA update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema.update(model)
+
+
+def run_summary(log: "Log", **settings) -> dict:
+    """What a train_*.json records: the settings, wall and CPU seconds, threads, finish time."""
+    return {**settings, "seconds": round(log.elapsed(), 1), "cpu_seconds": round(log.cpu(), 1),
+            "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}

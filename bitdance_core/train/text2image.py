@@ -11,7 +11,6 @@ condition the head on blocks 0..S-1. The inputs are projector(bits) + the same t
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 from safetensors.torch import save_file
@@ -23,7 +22,7 @@ from ..projector import Projector
 from ..prompts import COND_TEMPLATE, UNCOND_PROMPT, PromptCodec, from_tokenizers_file
 from ..qwen3 import Qwen3Backbone, Qwen3Config
 from . import data
-from .common import EMA, Log, adamw, lr_at, save_json, setup
+from .common import EMA, Log, adamw, lr_at, optimize, run_summary, save_json, setup
 from .diffusion import flip_bits, flow_loss, init_head, init_linear_embed
 from .text_tokenizer import build_text_tokenizer, save_text_tokenizer
 
@@ -129,19 +128,12 @@ def train_t2i(out: str, ae: BinaryAutoencoder, seed: int = 0, steps: int = 2000,
         dropped = torch.rand(batch, generator=gen) < TRAIN["uncond_prob"]
         rows = batcher.rows(ys[idx], templates, dropped)
         loss = training_loss(model, rows, tokens[idx], pos_table, TRAIN)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model)
+        optimize(opt, model, ema, loss)
         log.step(step, loss=loss.item())
-    seconds, cpu = log.elapsed(), log.cpu()
+    summary = run_summary(log, seed=seed, steps=steps, batch=batch, lr=lr, ema=ema_decay, shifts=shifts)
     save_t2i(ema.model, ae, out)
-    summary = {"seed": seed, "steps": steps, "batch": batch, "lr": lr, "ema": ema_decay, "shifts": shifts,
-               "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "threads": torch.get_num_threads(),
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     save_json(os.path.join(out, "train_t2i.json"), summary)
-    print(f"[t2i] {seconds:.0f} s wall, {cpu:.0f} s cpu", flush=True)
+    print(f"[t2i] {summary['seconds']:.0f} s wall, {summary['cpu_seconds']:.0f} s cpu", flush=True)
     return ema.model, summary
 
 

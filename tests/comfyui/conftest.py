@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from comfy_client import ComfyClient  # noqa: E402
-from run_workflow import free_port, tail  # noqa: E402  (the demo command's own helpers)
+from run_workflow import free_port, stop_server, tail  # noqa: E402  (the demo command's own helpers)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMFY_DIR = os.path.abspath(os.environ.get("BITDANCE_COMFYUI_DIR") or os.path.join(REPO, ".comfyui"))
@@ -97,12 +97,7 @@ def comfy(tmp_path_factory):
         client.startup_s = START_TIMEOUT - (deadline - time.time())
         yield client
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_server(proc)
         log.close()
         os.makedirs(ARTIFACTS, exist_ok=True)
         shutil.copy(log_path, os.path.join(ARTIFACTS, "comfyui.log"))
