@@ -3,7 +3,7 @@
 Self-contained (torch, safetensors, tokenizers); never imports ComfyUI.
 """
 from .autoencoder import BinaryAutoencoder, find_autoencoder_files, load_autoencoder as load_tokenizer
-from .errors import BitDanceError
+from .errors import BitDanceError, OutOfDeviceMemory
 from .imagenet_classes import class_index, imagenet_class_names, parse_classes
 from .prompts import PromptTokens
 from .images import from_unit_hwc, to_uint8, to_unit_hwc
@@ -16,6 +16,6 @@ def load_imagenet(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "PromptTokens", "T2IInfo", "T2IPipeline", "class_index",
+__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "OutOfDeviceMemory", "PromptTokens", "T2IInfo", "T2IPipeline", "class_index",
            "describe_t2i", "find_autoencoder_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet",
            "load_t2i", "load_tokenizer", "parse_classes", "to_uint8", "to_unit_hwc"]

@@ -13,3 +13,14 @@ def require(condition: bool, message: str) -> None:
     if not condition:
         raise BitDanceError(message)
 
+
+try:
+    from torch import OutOfMemoryError as _TorchOOM
+except ImportError:  # older torch: only the CUDA one
+    from torch.cuda import OutOfMemoryError as _TorchOOM
+
+
+class OutOfDeviceMemory(BitDanceError, _TorchOOM):
+    """Ran out of GPU memory; the message says what fits. Still a torch OutOfMemoryError, so callers
+    that clean up after one (ComfyUI unloads its models) keep doing so."""
+

@@ -5,7 +5,9 @@
 `<p>.weight_scale`). Compute happens in the activations' dtype: either the fp8 weight is widened
 and the per-channel scale is applied to the output (weight-only fp8, any device), or, on CUDA GPUs
 with fp8 tensor cores, `torch._scaled_mm` multiplies fp8 activations (scaled per row) by the fp8
-weight (`matmul="scaled_mm"`; any failure falls back to the first way, once per layer).
+weight (`matmul="auto"`: there only; `matmul="scaled_mm"`: on any device whose PyTorch build has
+the kernel, the CPU included, which is how the tests check its arithmetic; any failure falls back
+to the first way, once per layer).
 
 Loading: `materialize_fp8` quantises on load from bf16/fp32 files (one tensor at a time on the
 CPU, then only the fp8 bytes go to the device); `Fp8Source` reads files that are already fp8
@@ -78,7 +80,8 @@ def per_channel_scale(scale: torch.Tensor | None, out_features: int, origin: str
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
-    """Row-wise scaled fp8 matmul: CUDA compute capability 9.0 or newer (H100, H200, B200)."""
+    """Row-wise scaled fp8 matmul worth choosing by default: CUDA compute capability 9.0 or newer
+    (H100, H200, B200)."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
     try:
@@ -129,7 +132,9 @@ class Fp8Linear(nn.Module):
     def _want_scaled_mm(self, x: torch.Tensor) -> bool:
         if self.matmul == "dequant" or self._scaled_mm_failed or x.dtype not in (torch.bfloat16, torch.float16):
             return False
-        return (self.in_features % 16 == 0 and self.out_features % 16 == 0 and scaled_mm_supported(x.device))
+        if self.in_features % 16 or self.out_features % 16 or not hasattr(torch, "_scaled_mm"):
+            return False
+        return self.matmul == "scaled_mm" or scaled_mm_supported(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._want_scaled_mm(x):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .. import bitdance_core as bd  # noqa: F401  (the public API)
 from ..bitdance_core import find_autoencoder_files  # noqa: F401  (tokenizer file layout)
 from ..bitdance_core import demo_models as _demo
-from ..bitdance_core import planner as _planner
+from ..bitdance_core import fitting as _fitting
 from ..bitdance_core.t2i import ModelFiles
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
@@ -16,9 +16,9 @@ DEMO_DIR = _demo.HERE
 DEMO_T2I = _demo.T2I
 DEMO_IMAGENET = _demo.IMAGENET
 
-# The model loader's memory options (see bitdance_core/planner.py: plan_for)
-WEIGHTS_CHOICES = list(_planner.WEIGHTS_CHOICES)
-OFFLOAD_CHOICES = list(_planner.OFFLOAD_CHOICES)
+# The model loader's memory options (see bitdance_core/fitting.py: plan_for)
+WEIGHTS_CHOICES = list(_fitting.WEIGHTS_CHOICES)
+OFFLOAD_CHOICES = list(_fitting.OFFLOAD_CHOICES)
 
 
 def find_t2i_files(path: str):
@@ -41,9 +41,16 @@ def imagenet_class_names() -> list[str]:
 def plan_t2i(path: str, free_bytes: int, device, dtype, weights: str, offload: str):
     """The engine's decision (weights, offload mode, why) for a text-to-image model folder, from its
     config files and the free device memory; raises BitDanceError when nothing asked for fits."""
-    return _planner.plan_for(path, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
+    return _fitting.plan_for(path, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
 
 
 def load_t2i_planned(path: str, decision, device, dtype, attention: str):
     """(pipeline, Offload or None), loaded as the decision says."""
-    return _planner.load_planned(path, decision, device, dtype=dtype, attention=attention)
+    return _fitting.load_planned(path, decision, device, dtype=dtype, attention=attention)
+
+
+def check_generation(pipe, decision, height: int, width: int, num_images: int, cfg: float, free_bytes, prompt):
+    """Whether one generation fits the model as loaded (its predicted peak, the largest batch that
+    fits, and what to change when it does not)."""
+    return _fitting.check_generation(pipe, decision, height, width, num_images, cfg, free_bytes, prompt=prompt)
+

@@ -112,12 +112,23 @@ class Managed:
         self.patcher = comfy.model_patcher.ModelPatcher(container, load_device=load_device,
                                                         offload_device=mm.unet_offload_device())
 
-    def ensure_loaded(self) -> None:
-        """Bring the model (whole) onto its device, unloading others if needed. An offloaded model
-        is not moved: other models are unloaded until its predicted peak, less the weights it
-        already holds on the device, is free."""
+    def free_bytes_for_generation(self) -> int | None:
+        """Device bytes a generation may use: what free_memory_for_planning counts, plus what the
+        engine's offload hooks hold on the device (ComfyUI does not see those). None on the CPU."""
+        if self.device.type == "cpu":
+            return None
+        held = self.offload.device_bytes() if self.offload is not None else 0
+        return free_memory_for_planning(self.device) + held
+
+    def ensure_loaded(self, plan=None) -> None:
+        """Bring the model (whole) onto its device, unloading other models until the generation's
+        working memory (plan: its predicted peak; default: the peak planned at load) is free too.
+        An offloaded model is not moved: other models are unloaded until the predicted peak, less
+        the weights it already holds on the device, is free."""
+        plan = plan or (self.memory.plan if self.memory is not None else None)
         if self.offload is None:
-            mm.load_models_gpu([self.patcher], force_full_load=True)
-        elif self.device.type != "cpu" and self.memory is not None:
-            need = max(0, self.memory.plan.peak_bytes - self.offload.device_bytes())
+            extra = max(0, plan.peak_bytes - plan.weights_bytes) if plan is not None and self.device.type != "cpu" else 0
+            mm.load_models_gpu([self.patcher], memory_required=extra, force_full_load=True)
+        elif self.device.type != "cpu" and plan is not None:
+            need = max(0, plan.peak_bytes - self.offload.device_bytes())
             mm.free_memory(need + mm.extra_reserved_memory(), self.device)

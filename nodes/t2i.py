@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 from comfy_api.latest import io
 
 from . import paths
 from .download import download_release
-from .engine import OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, find_t2i_files, load_t2i_planned, plan_t2i
+from .engine import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, check_generation, find_t2i_files, load_t2i_planned,
+                     plan_t2i)
 from .memory import DTYPE_CHOICES, Managed, free_memory_for_planning, make_room, pick_device, pick_dtype
 from .validation import check_combos
 from .progress import BlockProgress
@@ -165,10 +167,21 @@ class BitDanceARSampler(io.ComfyNode):
                                        f"model is '{managed.name}'; connect the same model to both nodes")
         if negative is not None:
             tokens = pipe.encode_prompt(pos.tokens.prompt, negative.tokens.prompt)
-        managed.ensure_loaded()
+        pipe.check_size(height, width)
+        fit = None
+        if managed.memory is not None:  # the engine predicts this generation's peak as the model is loaded
+            fit = check_generation(pipe, managed.memory, height, width, batch_size, cfg,
+                                   managed.free_bytes_for_generation(), tokens)
+            if not fit.fits:
+                print(f"[BitDance] warning: {fit.message}", flush=True)
+        managed.ensure_loaded(fit.plan if fit is not None else None)
         progress = BlockProgress(decode=pipe.decode)
-        bits = pipe.generate(tokens, height=height, width=width, steps=steps, cfg=cfg, num_images=batch_size,
-                             seed=seed, sampler=sampler, callback=progress)
+        try:
+            bits = pipe.generate(tokens, height=height, width=width, steps=steps, cfg=cfg, num_images=batch_size,
+                                 seed=seed, sampler=sampler, callback=progress)
+        except torch.OutOfMemoryError as e:
+            hint = fit.message if fit is not None and fit.message else "use a smaller size or batch, or fp8 weights / an offload mode in the loader"
+            raise bd.OutOfDeviceMemory(f"out of GPU memory while sampling ({e.__class__.__name__}): {hint}") from e
         return io.NodeOutput(bits_latent(bits.cpu(), pipe.autoencoder.family))
 
 

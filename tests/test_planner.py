@@ -103,7 +103,7 @@ def test_choose_mode_at_14b():
 
 from paths import FIXTURES  # noqa: E402
 
-from bitdance_core.planner import load_planned, plan_for  # noqa: E402
+from bitdance_core.fitting import check_generation, load_planned, plan_for  # noqa: E402
 from bitdance_core.quant import Fp8Linear  # noqa: E402
 from bitdance_core.synthetic import save_configs  # noqa: E402
 
@@ -200,3 +200,69 @@ def test_load_planned_on_the_cpu():
     assert off is None and any(isinstance(m, Fp8Linear) for m in pipe.backbone.modules())
     bits = pipe.generate("a red fox", **kw)
     assert bits.shape == bits_ref.shape and set(bits.unique().tolist()) <= {-1.0, 1.0}
+
+
+# ---- check_generation: what the sampler node checks before it starts -----------------------------------
+
+def test_check_generation_catches_a_batch_the_load_does_not_fit():
+    from bitdance_core import load_t2i
+    from bitdance_core.errors import OutOfDeviceMemory
+    from bitdance_core.planner import estimate_pipeline, usable_bytes
+
+    pipe = load_t2i(TINY_T2I, device="cpu", dtype=torch.float32)
+    tokens = pipe.encode_prompt("a red fox")
+    d = plan_for(TINY_T2I, 8 * GiB, device="cuda", dtype=torch.float32)  # as if it ran on a GPU
+    assert (d.weights, d.offload) == ("as-is", "none")
+    ok = check_generation(pipe, d, 128, 128, 1, 4.0, 8 * GiB, prompt=tokens)
+    assert ok.fits and ok.message == "" and ok.usable_bytes == usable_bytes(8 * GiB) and ok.max_images == 64
+
+    def peak(n):
+        return estimate_pipeline(pipe, 128, 128, n, 4.0, prompt=tokens, device_type="cuda").peak_bytes
+
+    # free memory for which one image fits and eight do not
+    free = int((((peak(1) + peak(8)) // 2) + (512 << 20)) / 0.9)
+    chk = check_generation(pipe, d, 128, 128, 8, 4.0, free, prompt=tokens)
+    assert not chk.fits and chk.plan.peak_bytes == peak(8) > chk.usable_bytes
+    k = chk.max_images
+    assert 1 <= k < 8 and peak(k) <= chk.usable_bytes < peak(k + 1)
+    assert f"8 images of 128x128 at cfg 4 needs" in chk.message and f"at most {k} image" in chk.message
+    assert "as-is weights, offload none" in chk.message
+    assert "no weights/offload setting fits it" in chk.message  # the tiny model's weights are not what fills it
+    assert check_generation(pipe, d, 128, 128, k, 4.0, free, prompt=tokens).fits
+    # cfg 1: no guidance, half the rows in the head (the decode, the peak here, is the same)
+    unguided = check_generation(pipe, d, 128, 128, 8, 1.0, free, prompt=tokens).plan
+    assert unguided.phases["head"] < chk.plan.phases["head"] and unguided.phases["decode"] == chk.plan.phases["decode"]
+
+    none = check_generation(pipe, d, 128, 128, 1, 4.0, 520 << 20, prompt=tokens)  # 90% of it is less than the reserve
+    assert not none.fits and none.max_images == 0
+    assert "not even one image" in none.message and "no weights/offload setting fits" in none.message
+
+    # the plan is the load's: streamed with its resident layers
+    ds = plan_for(TINY_T2I, 8 * GiB, device="cuda", dtype=torch.float32, offload="stream")
+    s = check_generation(pipe, ds, 128, 128, 2, 4.0, 8 * GiB, prompt=tokens)
+    assert s.plan.mode == "stream" and s.plan.resident_layers == ds.resident_layers and s.fits
+
+    # on the CPU nothing is checked
+    dc = plan_for(TINY_T2I, None, device="cpu", dtype=torch.float32)
+    c = check_generation(pipe, dc, 128, 128, 64, 4.0, None, prompt=tokens)
+    assert c.fits and c.usable_bytes is None and c.max_images is None
+
+    # a model whose weights matter: a reload with fp8 or an offload mode would fit the batch
+    from bitdance_core.synthetic import build_random_t2i
+
+    mid = build_random_t2i("mid")
+    cfgs = (mid.backbone.config, mid.head.config, mid.autoencoder.config)
+    dm = plan_for(cfgs, 8 * GiB, device="cuda", dtype=torch.float32)
+    four = estimate_pipeline(mid, 256, 256, 4, 4.0, device_type="cuda").peak_bytes
+    free = int((four - (24 << 20) + (512 << 20)) / 0.9)
+    m = check_generation(mid, dm, 256, 256, 4, 4.0, free)
+    assert not m.fits and 1 <= m.max_images < 4
+    assert "reloading with weights=" in m.message and "would fit" in m.message, m.message
+    w, o = m.message.split("reloading with weights=")[1].split(" would fit")[0].split(" and offload=")
+    alt = plan_for(cfgs, free, device="cuda", dtype=torch.float32, weights=w, offload=o, height=256, width=256,
+                   num_images=4, cfg=4.0)
+    assert (w, o) != ("as-is", "none") and alt.plan.peak_bytes <= usable_bytes(free)
+
+    # what the sampler node raises on an out-of-memory error: ours, and still torch's
+    err = OutOfDeviceMemory(chk.message)
+    assert isinstance(err, BitDanceError) and isinstance(err, torch.OutOfMemoryError)

@@ -10,7 +10,8 @@ from torch import nn
 
 from bitdance_core.errors import BitDanceError
 from bitdance_core.quant import (FP8, Fp8Linear, Fp8Source, dequantize_fp8, load_comfy_split, load_t2i_fp8,
-                                 parallel_num_from_codec, quantize_fp8, quantize_linears, save_comfy_split)
+                                 parallel_num_from_codec, quantize_fp8, quantize_linears, save_comfy_split,
+                                 set_matmul)
 from bitdance_core.checkpoints import open_safetensors
 from bitdance_core.synthetic import SHAPES, SyntheticCodec, build_random_t2i, save_official_folder, write_tokenizer_json
 
@@ -63,6 +64,54 @@ def test_fp8_linear_matches_dequantised_linear(bias):
     y16 = f8(x.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16 and _rel_err(y16.float(), ref) < 0.02
     assert set(f8.state_dict()) == ({"weight", "weight_scale", "bias"} if bias else {"weight", "weight_scale"})
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="this PyTorch build has no torch._scaled_mm")
+def test_scaled_mm_path_on_the_cpu():
+    """matmul="scaled_mm" runs fp8 x fp8 through torch._scaled_mm on any device that has the kernel
+    (the GPU path's arithmetic, checked here); "auto" keeps the CPU on the dequantising path."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 64)
+    x = (torch.randn(3, 5, 96) * torch.logspace(-2, 1, 5)[None, :, None]).to(torch.bfloat16)  # rows of very different size
+    f8 = Fp8Linear.from_linear(lin, matmul="scaled_mm")
+    y = f8(x)
+    assert not f8._scaled_mm_failed and y.dtype == torch.bfloat16 and y.shape == (3, 5, 64)
+    # what scaled-mm computes: activations rounded to e4m3 with one scale per row, times the fp8 weight
+    x2 = x.reshape(-1, 96).float()
+    xs = x2.abs().amax(1, keepdim=True) / 448
+    xq = (x2 / xs).to(FP8).float() * xs
+    expect = (xq @ f8.dequantized_weight(torch.float32).t() + lin.bias).reshape(3, 5, 64)
+    assert _rel_err(y.float(), expect) < 0.01
+    dequant = Fp8Linear.from_linear(lin, matmul="dequant")(x)
+    assert not torch.equal(y, dequant)  # activations are quantised too: a different computation
+    assert _rel_err(y.float(), lin(x.float())) < 0.08
+    auto = Fp8Linear.from_linear(lin, matmul="auto")
+    assert torch.equal(auto(x), dequant)  # the CPU is not a scaled-mm device by default
+    assert torch.equal(f8(x.float()), Fp8Linear.from_linear(lin)(x.float()))  # fp32 activations: never scaled-mm
+    odd = Fp8Linear.from_linear(nn.Linear(90, 64), matmul="scaled_mm")  # 90 is no multiple of 16: dequantises
+    assert not odd._want_scaled_mm(torch.zeros(1, 90, dtype=torch.bfloat16))
+
+
+def test_scaled_mm_pipeline_on_the_cpu(ref_pipe, tok_dir, tmp_path):
+    folder = save_official_folder(ref_pipe, str(tmp_path / "model"), os.path.join(tok_dir, "tokenizer.json"))
+    pipe = load_t2i_fp8(folder, dtype=torch.bfloat16, matmul="scaled_mm")
+    lin = pipe.backbone.model.layers[0].mlp.down_proj
+    assert isinstance(lin, Fp8Linear) and lin.matmul == "scaled_mm"
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 20, 64, generator=g)
+    pos = torch.arange(20)[None].expand(2, 20)
+    out = pipe.backbone(emb.to(torch.bfloat16), pos).float()
+    assert not lin._scaled_mm_failed  # it did go through torch._scaled_mm
+    assert _rel_err(out, ref_pipe.backbone(emb, pos)) < 0.1
+    c, x, t = torch.randn(2, 16, 64, generator=g), torch.rand(2, 16, 32, generator=g) * 2 - 1, torch.full((2,), 0.3)
+    ref = ref_pipe.head.net(x, t, c)
+    head_out = pipe.head.net(x.to(torch.bfloat16), t, c.to(torch.bfloat16)).float()
+    assert not pipe.head.net.res_blocks[0].attn.wqkv._scaled_mm_failed
+    set_matmul(pipe.head, "dequant")  # weight-only fp8: the error scaled-mm adds by rounding activations is small
+    dequant_err = _rel_err(pipe.head.net(x.to(torch.bfloat16), t, c.to(torch.bfloat16)).float(), ref)
+    assert _rel_err(head_out, ref) < 2 * dequant_err < 0.3, (_rel_err(head_out, ref), dequant_err)
+    bits = pipe.generate(PROMPT, 128, 128, steps=2, cfg=4.0, seed=0)
+    assert bits.shape == (1, 32, 8, 8) and set(bits.unique().tolist()) <= {-1.0, 1.0}
 
 
 def test_quantize_linears_keeps_the_narrow_ends_and_dtype_probes(ref_pipe):
