@@ -5,20 +5,20 @@ eager execution (for good, for that shape) when capture fails:
 
 - `GraphedModule` around the diffusion head's network: one graph per input shape, replacing the
   ~100 kernel launches of a head call by one launch. Works with the engine as it is.
-- `graphed_sampler`: the whole Euler–Maruyama loop of one block (steps+1 head calls, the
-  guidance arithmetic and the noise draws from the pipeline's generator, registered with the graph
-  so replays continue its Philox stream). The engine's samplers create a scalar with
-  `torch.tensor(0.0, device=...)`, a host-to-device copy that capture forbids (sampler.py now uses
-  torch.zeros); if that ever comes back
-  `torch.zeros((), device=...)`, this capture fails once and the head-level graph is used.
+- `graphed_sampler`: the whole Euler–Maruyama loop of one block (steps+1 head calls and the
+  guidance arithmetic). Its noise is drawn before each replay from the pipeline's generator
+  (`sampler.predraw_noise`: the same draws in the same order as the eager loop) and copied in
+  like the condition, so the graph draws no random numbers, no generator is registered with it,
+  and one graph serves every generation of that shape.
 - `GraphedBackbone` for the per-block backbone step: the step is rewritten with static shapes
   (new keys written with index_copy_ at a position tensor; attention over the whole preallocated
   cache with a key mask), so one graph per generation serves every block. The rewrite is plain
-  PyTorch and runs on the CPU too (`static_step=True`), where the tests compare it to the step.
+  PyTorch and runs on the CPU too (`use_static=True`), where the tests compare it to the step.
 
 Hooks cannot run inside a replay: root forward pre-hooks (stage offload) are called by hand before
-each replay and a graph is recaptured when the weights moved; modules with hooks below the root
-(streaming offload) are never captured.
+each replay and a graph is recaptured when the weights moved, once: weights that move again (an
+offload that cannot keep them) would cost a capture per call, so that graph gives up for eager.
+Modules with hooks below the root (streaming offload) are never captured, nor given the static step.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .sampler import predraw_noise
 
 
 def cuda_graphs_available(device) -> bool:
@@ -42,6 +44,7 @@ class GraphStats:
     replays: int = 0
     eager_calls: int = 0
     failures: dict = field(default_factory=dict)  # key -> reason
+    recaptures: dict = field(default_factory=dict)  # key -> captures made because the weights had moved
 
 
 def _fingerprint(module: nn.Module) -> tuple:
@@ -55,20 +58,15 @@ def _has_inner_hooks(module: nn.Module) -> bool:
 class _Capture:
     """One captured graph with its static inputs and outputs."""
 
-    def __init__(self, fn, args, warmup: int, pool, generator=None):
+    def __init__(self, fn, args, warmup: int, pool):
         self.static_in = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            state = generator.get_state() if generator is not None else None
             for _ in range(warmup):
                 fn(*self.static_in)
-            if generator is not None:
-                generator.set_state(state)  # warm-up draws must not advance the stream
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        if generator is not None:
-            self.graph.register_generator_state(generator)
         with torch.cuda.graph(self.graph, pool=pool):
             self.static_out = fn(*self.static_in)
 
@@ -78,6 +76,18 @@ class _Capture:
                 dst.copy_(src)
         self.graph.replay()
         return self.static_out
+
+
+def _weights_moved_again(stats: GraphStats, key, had_capture: bool) -> bool:
+    """Count a recapture caused by moved weights; True (and recorded as a failure) from the second:
+    an offload that moves the weights every call would make every call a capture."""
+    if not had_capture:
+        return False
+    stats.recaptures[key] = stats.recaptures.get(key, 0) + 1
+    if stats.recaptures[key] > 1:
+        stats.failures[key] = "the weights move between calls (offload): eager"
+        return True
+    return False
 
 
 class GraphedModule(nn.Module):
@@ -104,6 +114,10 @@ class GraphedModule(nn.Module):
         fp = _fingerprint(self.inner)
         cap = self._graphs.get(key)
         if cap is None or cap[1] != fp:
+            if _weights_moved_again(self.stats, key, cap is not None):
+                self._graphs.pop(key, None)
+                self.stats.eager_calls += 1
+                return self.inner(*args)
             try:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
@@ -122,65 +136,60 @@ class GraphedModule(nn.Module):
 # ---- the whole sampling loop ----------------------------------------------------------------------
 
 _GRAPHED_NETS: "weakref.WeakKeyDictionary[nn.Module, GraphStats]" = weakref.WeakKeyDictionary()
-_LOOP_GRAPHS: "OrderedDict" = OrderedDict()  # newest last; a few kept (a generator per generation)
+_LOOP_GRAPHS: "OrderedDict" = OrderedDict()  # newest last; a few kept (one per shape and settings)
 _LOOP_GRAPHS_KEPT = 4
 
 
 def graphed_sampler(fn):
     """A sampler with the signature of `sampler.euler_maruyama` that captures its whole loop for
-    the nets registered by `enable_graphs` (others run eagerly)."""
+    the nets registered by `enable_graphs` (others run eagerly). The graph's inputs are the
+    condition and the noise, drawn here first (`predraw_noise`) from `generator`."""
+    name = fn.__name__
 
     def run(net, cond, cfg, steps, generator, **kw):
         stats = _GRAPHED_NETS.get(net)
         inner = net.inner if isinstance(net, GraphedModule) else net
-        if stats is None or not cond.is_cuda or generator is None or _has_inner_hooks(inner):
+        if stats is None or not cond.is_cuda or _has_inner_hooks(inner):
             return fn(net, cond, cfg, steps, generator, **kw)
-        # the generator object itself (not its id): the graph draws from the state registered at capture
-        key = (id(net), tuple(cond.shape), cond.dtype, float(cfg), int(steps), tuple(sorted(kw.items())), generator)
-        if key[:-1] in stats.failures:  # failures are remembered per shape, across generators
-            return fn(net, cond, cfg, steps, generator, **kw)
+        noise = predraw_noise(name, cond, cfg, steps, generator, kw.get("x_dim", 32))
+        key = (id(net), name, tuple(cond.shape), cond.dtype, float(cfg), int(steps), tuple(sorted(kw.items())))
+        if key in stats.failures:
+            return fn(net, cond, cfg, steps, None, noise=noise, **kw)
         for hook in list(inner._forward_pre_hooks.values()):
             hook(inner, (cond,))
         fp = _fingerprint(inner)
         cap = _LOOP_GRAPHS.get(key)
         if cap is None or cap[1] != fp:
+            if _weights_moved_again(stats, key, cap is not None):
+                _LOOP_GRAPHS.pop(key, None)
+                return fn(net, cond, cfg, steps, None, noise=noise, **kw)
             try:
                 # the loop calls the bare network: no nested capture of the head-level graph
-                cap = (_Capture(lambda c: fn(inner, c, cfg, steps, generator, **kw), [cond], 1,
-                                torch.cuda.graph_pool_handle(), generator=generator), fp)
+                body = lambda c, z: fn(inner, c, cfg, steps, None, noise=z, **kw)  # noqa: E731
+                cap = (_Capture(body, [cond, noise], 1, torch.cuda.graph_pool_handle()), fp)
                 _LOOP_GRAPHS[key] = cap
                 while len(_LOOP_GRAPHS) > _LOOP_GRAPHS_KEPT:
                     _LOOP_GRAPHS.popitem(last=False)
                 stats.captures += 1
             except Exception as e:
                 torch.cuda.synchronize()
-                stats.failures[key[:-1]] = f"{type(e).__name__}: {e}"
-                return fn(net, cond, cfg, steps, generator, **kw)
+                stats.failures[key] = f"{type(e).__name__}: {e}"
+                return fn(net, cond, cfg, steps, None, noise=noise, **kw)
         stats.replays += 1
-        return cap[0].replay([cond]).clone()
+        return cap[0].replay([cond, noise]).clone()
 
     run.__wrapped__ = fn
+    run.__name__ = name
     return run
 
 
 # ---- the static backbone step ---------------------------------------------------------------------
 
-def _rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
 def static_attention(attn, x, cos, sin, k_cache, v_cache, slots, key_mask):
     """Attention of one block whose new keys go to cache positions `slots` (a tensor), attending to
     the whole cache [rows, kv_heads, max_len, head_dim] under `key_mask` [rows, 1, 1, max_len]."""
     b, n, _ = x.shape
-    hd = attn.cfg.head_dim
-    q = attn.q_norm(attn.q_proj(x).view(b, n, -1, hd)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(x).view(b, n, -1, hd)).transpose(1, 2)
-    v = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
+    q, k, v = attn.qkv(x, cos, sin)
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
     K, V = k_cache, v_cache
@@ -189,7 +198,7 @@ def static_attention(attn, x, cos, sin, k_cache, v_cache, slots, key_mask):
         r, h, L, d = K.shape
         K = K[:, :, None].expand(r, h, rep, L, d).reshape(r, h * rep, L, d)
         V = V[:, :, None].expand(r, h, rep, L, d).reshape(r, h * rep, L, d)
-    out = F.scaled_dot_product_attention(q, K, V, attn_mask=key_mask, scale=hd ** -0.5)
+    out = F.scaled_dot_product_attention(q, K, V, attn_mask=key_mask, scale=attn.cfg.head_dim ** -0.5)
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -206,17 +215,18 @@ def static_step(backbone, x, cos, sin, cache, slots, key_mask):
 
 class GraphedBackbone(nn.Module):
     """Wraps a Qwen3Backbone: prefill runs eagerly; block steps (start > 0) run the static step,
-    captured in one CUDA graph per KV cache (i.e. per generation) on a GPU. `static_step=True`
+    captured in one CUDA graph per KV cache (i.e. per generation) on a GPU. `use_static=True`
     also uses the static step where no graph can be made (CPU), for testing."""
 
-    def __init__(self, backbone: nn.Module, graphs: bool = True, static_step: bool = False, warmup: int = 1,
+    def __init__(self, backbone: nn.Module, graphs: bool = True, use_static: bool = False, warmup: int = 1,
                  stats: GraphStats | None = None):
         super().__init__()
         self.inner = backbone
-        self.graphs, self.use_static = graphs, static_step
+        self.graphs, self.use_static = graphs, use_static
         self.warmup = warmup
         self.stats = stats or GraphStats()
-        self._cap = None  # (key, _Capture, fingerprint)
+        self._caps: OrderedDict = OrderedDict()  # cache key -> (_Capture, fingerprint), newest last
+        self.step_fn = static_step  # enable_compile swaps in a compiled one
         self._pool = None
 
     # the attributes the pipeline reads from a backbone
@@ -239,9 +249,11 @@ class GraphedBackbone(nn.Module):
         self.inner.set_attention(attention)
 
     def forward(self, inputs_embeds, positions, cache=None, start: int = 0, mask=None):
-        graphable = (cache is not None and start > 0 and inputs_embeds.is_cuda and self.graphs
-                     and not _has_inner_hooks(self.inner))
-        if not graphable and not (self.use_static and cache is not None and start > 0):
+        # the static step calls the layers' parts directly: hooks on the layers (streaming offload
+        # brings each streamed layer in from its pre-hook) would not run, so such a backbone stays eager
+        stepping = cache is not None and start > 0 and not _has_inner_hooks(self.inner)
+        graphable = stepping and inputs_embeds.is_cuda and self.graphs
+        if not graphable and not (self.use_static and stepping):
             self.stats.eager_calls += 1
             return self.inner(inputs_embeds, positions, cache, start, mask)
         rows, n = inputs_embeds.shape[:2]
@@ -261,29 +273,39 @@ class GraphedBackbone(nn.Module):
         for hook in list(self.inner._forward_pre_hooks.values()):
             hook(self.inner, (inputs_embeds, positions, cache, start, mask))  # e.g. stage offload
         if not graphable:
-            return static_step(self.inner, inputs_embeds, cos, sin, cache, slots, key_mask)
-        # the graph bakes in the cache's addresses: same addresses and shapes -> the same graph is valid
+            return self.step_fn(self.inner, inputs_embeds, cos, sin, cache, slots, key_mask)
+        # the graph bakes in the cache's addresses: same addresses and shapes -> the same graph is valid.
+        # Two kept: the naive mode's two guidance passes use two caches in turn.
         key = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape), tuple(inputs_embeds.shape), inputs_embeds.dtype)
+        shape_key = key[2:]
         fp = _fingerprint(self.inner)
         args = [inputs_embeds, cos, sin, slots, key_mask]
-        if self._cap is None or self._cap[0] != key or self._cap[2] != fp:
-            if key[2:] in self.stats.failures:  # remembered per shape, across caches
+        cap = self._caps.get(key)
+        if shape_key in self.stats.failures:
+            self.stats.eager_calls += 1
+            return self.inner(inputs_embeds, positions, cache, start, mask)
+        if cap is None or cap[1] != fp:
+            if _weights_moved_again(self.stats, shape_key, cap is not None):
+                self._caps.clear()
                 self.stats.eager_calls += 1
                 return self.inner(inputs_embeds, positions, cache, start, mask)
             try:
-                self._cap = None
+                self._caps.pop(key, None)
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
-                fn = lambda x, c, sn, sl, km: static_step(self.inner, x, c, sn, cache, sl, km)
-                self._cap = (key, _Capture(fn, args, self.warmup, self._pool), fp)
+                fn = lambda x, c, sn, sl, km: self.step_fn(self.inner, x, c, sn, cache, sl, km)  # noqa: E731
+                cap = (_Capture(fn, args, self.warmup, self._pool), fp)
+                self._caps[key] = cap
+                while len(self._caps) > 2:
+                    self._caps.popitem(last=False)
                 self.stats.captures += 1
             except Exception as e:
                 torch.cuda.synchronize()
-                self.stats.failures[key[2:]] = f"{type(e).__name__}: {e}"
+                self.stats.failures[shape_key] = f"{type(e).__name__}: {e}"
                 self.stats.eager_calls += 1
                 return self.inner(inputs_embeds, positions, cache, start, mask)
         self.stats.replays += 1
-        return self._cap[1].replay(args).clone()
+        return cap[0].replay(args).clone()
 
 
 # ---- switching them on --------------------------------------------------------------------------
@@ -333,7 +355,7 @@ def enable_graphs(pipe, head: bool = True, sampler: bool = True, backbone: bool 
         return acc
     if backbone:
         acc.backbone = pipe.backbone
-        pipe.backbone = GraphedBackbone(pipe.backbone, graphs=on_gpu, static_step=True, stats=acc.stats)
+        pipe.backbone = GraphedBackbone(pipe.backbone, graphs=on_gpu, use_static=True, stats=acc.stats)
     if on_gpu and sampler:
         for name, fn in list(pipe.samplers.items()):  # this pipeline's own table, not the module's
             if not hasattr(fn, "__wrapped__"):
@@ -356,4 +378,6 @@ def enable_compile(pipe, mode: str = "max-autotune-no-cudagraphs", force: bool =
     net.forward = torch.compile(net.forward, mode=mode, dynamic=False)
     for layer in pipe.backbone.model.layers:
         layer.forward = torch.compile(layer.forward, mode=mode, dynamic=True)
+    if isinstance(pipe.backbone, GraphedBackbone):  # its block step does not go through layer.forward
+        pipe.backbone.step_fn = torch.compile(static_step, mode=mode, dynamic=False)
     return True

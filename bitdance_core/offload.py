@@ -306,7 +306,9 @@ class StreamingBackbone:
 
     def remove(self) -> None:
         if self.cuda:
+            # the last layer's wrap-around prefetch may still be writing a slot on the copy stream
             torch.cuda.current_stream(self.device).synchronize()
+            self.copy_stream.synchronize()
         for h in self.handles:
             h.remove()
         for h in self.homes:

@@ -140,7 +140,7 @@ class Fp8Linear(nn.Module):
         if self._want_scaled_mm(x):
             try:
                 return self._forward_scaled_mm(x)
-            except (RuntimeError, TypeError):
+            except (RuntimeError, TypeError, ValueError):  # torch raises ValueError for a scale layout it rejects
                 self._scaled_mm_failed = True  # unsupported shape/build: weight-only fp8 from now on
         dtype = x.dtype if x.is_floating_point() else torch.float32
         if dtype == torch.float16:

@@ -103,15 +103,20 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.flash = None  # flash_attn_func, used only where no mask is needed
 
-    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int, mask):
+    def qkv(self, x, cos, sin):
+        """q [b, heads, n, hd], k and v [b, kv_heads, n, hd]: projected, normalised, rotated."""
         b, n, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_norm(self.q_proj(x).view(b, n, -1, hd)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, n, -1, hd)).transpose(1, 2)
         v = self.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * c + _rotate_half(q) * s
-        k = k * c + _rotate_half(k) * s
+        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s, v
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int, mask):
+        b, n, _ = x.shape
+        hd = self.cfg.head_dim
+        q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             cache.k[layer, :, :, start:start + n] = k
             cache.v[layer, :, :, start:start + n] = v

@@ -53,3 +53,56 @@ def test_switches_are_noops_on_the_cpu():
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     cond = torch.randn(2, 16, 64)
     assert torch.equal(sampler(net, cond, 4.0, 2, g1), SAMPLERS["euler_maruyama"](net, cond, 4.0, 2, g2))
+
+
+def test_predrawn_noise_is_the_samplers_own_draws():
+    """The loop graph's noise is drawn before the loop (predraw_noise): the same numbers, so the
+    same bits, as the sampler drawing them itself, for both samplers, with and without guidance."""
+    from bitdance_core.sampler import noise_draws, predraw_noise
+
+    net = build_random_t2i("tiny", seed=3).head.net
+    for name, kw in (("euler_maruyama", {"time_shift": 1.0}), ("euler", {})):
+        for cfg, rows in ((4.0, 4), (1.0, 2)):
+            cond = torch.randn(rows, 16, 64, generator=torch.Generator().manual_seed(1))
+            own = SAMPLERS[name](net, cond, cfg, 3, torch.Generator().manual_seed(7), **kw)
+            noise = predraw_noise(name, cond, cfg, 3, torch.Generator().manual_seed(7))
+            assert noise.shape == (noise_draws(name, 3), 2, 16, 32)
+            given = SAMPLERS[name](net, cond, cfg, 3, None, noise=noise, **kw)
+            assert torch.equal(own, given), (name, cfg)
+    # what a generator-drawn run continues with is the same after either
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    SAMPLERS["euler_maruyama"](net, cond, 4.0, 2, g1)
+    predraw_noise("euler_maruyama", cond, 4.0, 2, g2)
+    assert torch.equal(torch.randn(5, generator=g1), torch.randn(5, generator=g2))
+
+
+def test_streamed_backbone_keeps_its_layer_hooks():
+    """Streaming offload brings each streamed layer in from the layer's own pre-hook; the static
+    step bypasses layer calls, so a backbone with such hooks must stay on the eager step."""
+    from bitdance_core.offload import apply_offload
+
+    shape = custom_shape("tiny", layers=3, hidden=64, heads=4, kv_heads=2)
+    ref = build_random_t2i(shape, seed=4).generate(PROMPT, 128, 128, steps=1, cfg=4.0, seed=2)
+    pipe = build_random_t2i(shape, seed=4)
+    off = apply_offload(pipe, "stream", "cpu", resident_layers=1)
+    calls = []
+    pipe.backbone.model.layers[2].register_forward_pre_hook(lambda *_: calls.append(1))
+    acc = enable_graphs(pipe, static_step_on_cpu=True)
+    loads = off.stream.stats.streamed_loads
+    bits = pipe.generate(PROMPT, 128, 128, steps=1, cfg=4.0, seed=2)
+    assert torch.equal(bits, ref)
+    assert len(calls) == 4  # prefill + 3 block steps (128² at 16 per block: 4 blocks, no pass after the last)
+    assert off.stream.stats.streamed_loads > loads and acc.stats.eager_calls == 4
+    acc.remove()
+    off.remove()
+
+
+def test_weights_that_keep_moving_give_up_the_graph():
+    from bitdance_core.graphs import GraphStats, _weights_moved_again
+
+    st = GraphStats()
+    assert not _weights_moved_again(st, "k", had_capture=False)  # a first capture
+    assert not _weights_moved_again(st, "k", had_capture=True)  # moved once (loaded again elsewhere): recapture
+    assert "k" not in st.failures
+    assert _weights_moved_again(st, "k", had_capture=True)  # moved again: eager from now on
+    assert "offload" in st.failures["k"] and st.recaptures == {"k": 2}

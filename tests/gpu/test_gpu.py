@@ -64,6 +64,33 @@ def test_graphs_capture_and_replay(reference):
     acc.remove()
 
 
+def test_loop_graph_serves_every_generation(reference):
+    """The sampling loop's graph takes its noise as an input: a new generation (a new generator)
+    replays it; only the backbone step, bound to each generation's KV cache, is captured again."""
+    pipe = _cuda_pipe()
+    acc = enable_graphs(pipe)
+    pipe.generate(PROMPT, **ARGS)
+    first = acc.stats.captures
+    other = pipe.generate(PROMPT, **{**ARGS, "seed": ARGS["seed"] + 1})
+    assert acc.stats.captures <= first + 1, acc.stats
+    again = pipe.generate(PROMPT, **ARGS)
+    assert (again != reference).float().mean() < 0.02 and (other != again).float().mean() > 0.2
+    assert not acc.stats.failures, acc.stats.failures
+    acc.remove()
+
+
+def test_graphs_with_streaming_offload(reference):
+    """Streamed layers come in from their own hooks: the backbone step stays eager, the head is graphed."""
+    pipe = build_random_t2i(SHAPE, device="cpu", seed=3)
+    off = apply_offload(pipe, "stream", "cuda", resident_layers=1)
+    acc = enable_graphs(pipe)
+    bits = pipe.generate(PROMPT, **ARGS)
+    assert (bits != reference).float().mean() < 0.02
+    assert off.stream.stats.streamed_loads > 0 and acc.stats.replays > 0
+    acc.remove()
+    off.remove()
+
+
 def test_planner_against_cuda_allocations():
     pipe = _cuda_pipe()
     plan = estimate_pipeline(pipe, 256, 256, 2, 4.0, prompt=PROMPT)
