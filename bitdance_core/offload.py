@@ -15,7 +15,8 @@ In both modes the token-embedding table stays in CPU memory (`HostEmbedding`: a 
 only the looked-up rows go to the device): it is 1.5 GB at 14B and only used by the prefill.
 
 Device copies are always fresh allocations filled from the CPU master, and eviction points the
-parameters back at the master, so nothing is ever copied back. On a CPU-only machine the same code
+parameters back at the master, so nothing is ever copied back. On CUDA the masters are packed into
+page-locked chunks (host_memory.py: pinned in place, about the weights' size, not 1.4x of it). On a CPU-only machine the same code
 runs with device "cpu" (real copies, synchronous, no streams): residency, slot rotation and results
 are testable there; the side stream, pinned memory and events only exist on CUDA.
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import require
+from .host_memory import HostCopies
 
 MODES = ("none", "stage", "stream")
 _ALIGN = 256
@@ -36,18 +38,6 @@ _ALIGN = 256
 
 def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
-
-
-def _pin(t: torch.Tensor, pin: bool) -> torch.Tensor:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    if pin:
-        try:
-            return t.pin_memory()
-        except RuntimeError:  # out of pinnable memory: pageable copies still work (synchronously)
-            return t
-    return t
 
 
 class HostEmbedding(nn.Module):
@@ -104,12 +94,22 @@ class WeightHome:
     def __init__(self, modules, device, skip=(), pin: bool | None = None):
         self.device = torch.device(device)
         pin = _is_cuda(device) and torch.cuda.is_available() if pin is None else pin
-        self.entries = []
-        for owner, name, is_param in _tensor_slots(modules, skip):
-            master = _pin(_get(owner, name, is_param), pin)
-            _set(owner, name, is_param, master)
-            self.entries.append((owner, name, is_param, master))
-        self.nbytes = sum(m.numel() * m.element_size() for *_, m in self.entries)
+        slots = _tensor_slots(modules, skip)
+        masters = [None] * len(slots)
+
+        def put(i, t):
+            _set(*slots[i], t)
+            masters[i] = t
+        self.host = None
+        if pin:  # packed into page-locked chunks (host_memory.py), one tensor at a time
+            self.host = HostCopies(pin=True)
+            sizes = [_get(*s).numel() * _get(*s).element_size() for s in slots]
+            self.host.pack(lambda i: _get(*slots[i]).to("cpu"), put, len(slots), sizes)
+        else:
+            for i, s in enumerate(slots):
+                put(i, _get(*s).detach().to("cpu"))
+        self.entries = [(owner, name, is_param, m) for (owner, name, is_param), m in zip(slots, masters)]
+        self.nbytes = sum(m.numel() * m.element_size() for m in masters)
         self.resident = False
 
     def load(self) -> None:
@@ -127,6 +127,12 @@ class WeightHome:
         for owner, name, is_param, master in self.entries:
             _set(owner, name, is_param, master)
         self.resident = False
+
+    def release(self) -> None:
+        """Evict, and unlock the host copies' pages (they stay the modules' CPU weights)."""
+        self.evict()
+        if self.host is not None:
+            self.host.release()
 
 
 @dataclass
@@ -206,6 +212,8 @@ class StageOffload:
 
     def remove(self) -> None:
         self.evict_all()
+        for home in self.homes.values():
+            home.release()
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -311,9 +319,9 @@ class StreamingBackbone:
             self.copy_stream.synchronize()
         for h in self.handles:
             h.remove()
-        for h in self.homes:
-            h.evict()
-        self.fixed.evict()
+        for home in self.homes:
+            home.release()
+        self.fixed.release()
         self.handles, self.slots = [], []
 
 

@@ -134,3 +134,33 @@ def test_tiled_decode_brings_the_decoder_in(reference):
     assert off.device_bytes() == off.stage.sizes["decoder"]
     off.remove()
     assert off.device_bytes() == 0
+
+
+def test_host_copies_packed_into_page_aligned_chunks():
+    """With pinning asked for, the CPU masters are packed into page-aligned chunks (one
+    cudaHostRegister each on CUDA; on this CPU-only machine they stay pageable): the same values,
+    views of a few chunks, about the weights' bytes in all."""
+    from bitdance_core.host_memory import ALIGN, PAGE, plan_chunks
+    from bitdance_core.offload import WeightHome
+
+    assert plan_chunks([100, 200, 300], chunk_bytes=512) == [[0, 1], [2]]
+    assert plan_chunks([1000, 10, 10], chunk_bytes=512) == [[0], [1, 2]]  # too big: a chunk of its own
+
+    pipe = build_random_t2i("tiny", seed=2)
+    layer = pipe.backbone.model.layers[0]
+    x = torch.randn(2, 5, 64)
+    cos, sin = torch.ones(2, 5, 16), torch.zeros(2, 5, 16)
+    ref = layer(x, cos, sin, None, 0, 0, None)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    home = WeightHome([layer], "cpu", pin=True)
+    assert home.host is not None and set(home.host.how) == {"pageable"}  # no CUDA here
+    chunk_ptrs = {c.untyped_storage().data_ptr() for c in home.host.chunks}
+    assert all(c.data_ptr() % PAGE == 0 for c in home.host.chunks)
+    for n, p in layer.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+        assert p.untyped_storage().data_ptr() in chunk_ptrs and p.data_ptr() % ALIGN == 0
+    assert home.nbytes <= home.host.nbytes <= home.nbytes + len(home.entries) * ALIGN + len(home.host.chunks) * PAGE
+    home.load()
+    assert torch.equal(layer(x, cos, sin, None, 0, 0, None), ref)
+    home.release()
+    assert torch.equal(layer(x, cos, sin, None, 0, 0, None), ref)  # the packed copies are the weights again

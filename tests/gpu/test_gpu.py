@@ -50,6 +50,9 @@ def test_offload_on_cuda_matches(reference, mode, kw):
     if off.stream is not None:
         assert off.stream.cuda and off.stream.stats.prefetch_hits > 0
         assert all(h.entries[0][3].is_pinned() for h in off.stream.homes)
+        # page-locked in place (cudaHostRegister), not copied by the power-of-two host allocator
+        assert all(set(h.host.how) == {"registered"} for h in off.stream.homes), [h.host.how for h in off.stream.homes]
+    off.remove()
 
 
 def test_graphs_capture_and_replay(reference):
