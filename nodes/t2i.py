@@ -179,9 +179,10 @@ class BitDanceARSampler(io.ComfyNode):
         try:
             bits = pipe.generate(tokens, height=height, width=width, steps=steps, cfg=cfg, num_images=batch_size,
                                  seed=seed, sampler=sampler, callback=progress)
-        except torch.OutOfMemoryError as e:
-            hint = fit.message if fit is not None and fit.message else "use a smaller size or batch, or fp8 weights / an offload mode in the loader"
-            raise bd.OutOfDeviceMemory(f"out of GPU memory while sampling ({e.__class__.__name__}): {hint}") from e
+        except torch.cuda.OutOfMemoryError as e:  # still one for ComfyUI (it unloads models after it)
+            hint = (fit.message if fit is not None and fit.message
+                    else "use a smaller size or batch, or fp8 weights / an offload mode in the loader")
+            raise bd.OutOfDeviceMemory(f"out of GPU memory while sampling: {hint}") from e
         return io.NodeOutput(bits_latent(bits.cpu(), pipe.autoencoder.family))
 
 
