@@ -48,7 +48,8 @@ class GraphStats:
 
 
 def _fingerprint(module: nn.Module) -> tuple:
-    return tuple(t.data_ptr() for t in list(module.parameters()) + list(module.buffers()))
+    """Where the weights are (a graph bakes in their addresses), and what they are."""
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in list(module.parameters()) + list(module.buffers()))
 
 
 def _has_inner_hooks(module: nn.Module) -> bool:
@@ -79,8 +80,10 @@ class _Capture:
 
 
 def _weights_moved_again(stats: GraphStats, key, had_capture: bool) -> bool:
-    """Count a recapture caused by moved weights; True (and recorded as a failure) from the second:
-    an offload that moves the weights every call would make every call a capture."""
+    """Count a recapture caused by moved weights; True (and recorded as a failure) at the second in
+    a row: an offload that moves the weights every call would make every call a capture. A replay
+    of an unchanged graph in between (`_replayed`) resets the count: weights that move now and then
+    (ComfyUI unloading and reloading the model) cost one capture each time."""
     if not had_capture:
         return False
     stats.recaptures[key] = stats.recaptures.get(key, 0) + 1
@@ -88,6 +91,12 @@ def _weights_moved_again(stats: GraphStats, key, had_capture: bool) -> bool:
         stats.failures[key] = "the weights move between calls (offload): eager"
         return True
     return False
+
+
+def _replayed(stats: GraphStats, key, unchanged: bool) -> None:
+    stats.replays += 1
+    if unchanged:
+        stats.recaptures.pop(key, None)
 
 
 class GraphedModule(nn.Module):
@@ -113,7 +122,8 @@ class GraphedModule(nn.Module):
             hook(self.inner, args)  # e.g. stage offload bringing the weights in
         fp = _fingerprint(self.inner)
         cap = self._graphs.get(key)
-        if cap is None or cap[1] != fp:
+        unchanged = cap is not None and cap[1] == fp
+        if not unchanged:
             if _weights_moved_again(self.stats, key, cap is not None):
                 self._graphs.pop(key, None)
                 self.stats.eager_calls += 1
@@ -129,7 +139,7 @@ class GraphedModule(nn.Module):
                 self.stats.failures[key] = f"{type(e).__name__}: {e}"
                 self.stats.eager_calls += 1
                 return self.inner(*args)
-        self.stats.replays += 1
+        _replayed(self.stats, key, unchanged)
         return cap[0].replay(args).clone()
 
 
@@ -159,7 +169,8 @@ def graphed_sampler(fn):
             hook(inner, (cond,))
         fp = _fingerprint(inner)
         cap = _LOOP_GRAPHS.get(key)
-        if cap is None or cap[1] != fp:
+        unchanged = cap is not None and cap[1] == fp
+        if not unchanged:
             if _weights_moved_again(stats, key, cap is not None):
                 _LOOP_GRAPHS.pop(key, None)
                 return fn(net, cond, cfg, steps, None, noise=noise, **kw)
@@ -175,7 +186,7 @@ def graphed_sampler(fn):
                 torch.cuda.synchronize()
                 stats.failures[key] = f"{type(e).__name__}: {e}"
                 return fn(net, cond, cfg, steps, None, noise=noise, **kw)
-        stats.replays += 1
+        _replayed(stats, key, unchanged)
         return cap[0].replay([cond, noise]).clone()
 
     run.__wrapped__ = fn
@@ -284,7 +295,8 @@ class GraphedBackbone(nn.Module):
         if shape_key in self.stats.failures:
             self.stats.eager_calls += 1
             return self.inner(inputs_embeds, positions, cache, start, mask)
-        if cap is None or cap[1] != fp:
+        unchanged = cap is not None and cap[1] == fp
+        if not unchanged:
             if _weights_moved_again(self.stats, shape_key, cap is not None):
                 self._caps.clear()
                 self.stats.eager_calls += 1
@@ -304,7 +316,7 @@ class GraphedBackbone(nn.Module):
                 self.stats.failures[shape_key] = f"{type(e).__name__}: {e}"
                 self.stats.eager_calls += 1
                 return self.inner(inputs_embeds, positions, cache, start, mask)
-        self.stats.replays += 1
+        _replayed(self.stats, shape_key, unchanged)
         return cap[0].replay(args).clone()
 
 

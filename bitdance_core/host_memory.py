@@ -9,40 +9,71 @@ memory, on machines where host memory is what offloading leans on.
 So the copies are packed into chunks of up to `CHUNK_BYTES` (each tensor at a 256-byte offset,
 each chunk starting on a page boundary inside an over-allocated buffer, so no other tensor shares
 its pages) and each chunk is page-locked where it lies with `cudaHostRegister` (what ComfyUI does
-for its own weights). Where that fails, the chunk is allocated pinned by PyTorch instead (rounded,
+for its own weights; called through ctypes on the runtime torch loaded, so that a failure can be
+cleared before PyTorch's next error check sees it). Where that fails, the chunk is allocated pinned by PyTorch instead (rounded,
 but per chunk), and where that fails too it stays pageable (copies still work, synchronously).
 Tensors move into the chunks one at a time, so the extra host memory while packing is one chunk.
 `release()` unregisters the chunks (also done when the object is collected).
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import weakref
 
 import torch
 
 CHUNK_BYTES = 256 << 20
-PAGE = 4096
+PAGE = mmap.PAGESIZE
 ALIGN = 256
+_state = {"lib": None, "looked": False, "failed": False}
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _cudart():
+    """The CUDA runtime library this process (torch) loaded, through ctypes, or None. Calling it
+    directly lets a failed registration be followed by cudaGetLastError: the runtime keeps the
+    error of a failed call per thread, and PyTorch's next kernel-launch check would raise it."""
+    if not _state["looked"]:
+        _state["looked"] = True
+        try:
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "libcudart" in line and "/" in line}
+            for path in sorted(paths):
+                lib = ctypes.CDLL(path)
+                for fn in ("cudaHostRegister", "cudaHostUnregister", "cudaGetLastError"):
+                    getattr(lib, fn).restype = ctypes.c_int
+                _state["lib"] = lib
+                break
+        except (OSError, AttributeError):  # not Linux, or a runtime without these symbols
+            _state["lib"] = None
+    return _state["lib"]
+
+
 def _register(buf: torch.Tensor) -> bool:
-    """Page-lock buf's memory in place (cudaHostRegisterPortable)."""
-    try:
-        return int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 1)) == 0
-    except Exception:  # no CUDA runtime, or this build does not expose it
+    """Page-lock buf's memory in place (cudaHostRegisterPortable). After one failure, never again."""
+    if _state["failed"] or not torch.cuda.is_available():
         return False
+    torch.cuda.init()  # the runtime (and its library) loaded, the context made
+    lib = _cudart()
+    if lib is None:
+        return False
+    rc = lib.cudaHostRegister(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(buf.numel()), ctypes.c_uint(1))
+    if rc != 0:
+        lib.cudaGetLastError()  # clear it: it is handled here (the fallback pins another way)
+        _state["failed"] = True
+        return False
+    return True
 
 
 def _unregister(ptrs: list[int]) -> None:
+    lib = _state["lib"]
     for p in ptrs:
-        try:
-            torch.cuda.cudart().cudaHostUnregister(p)
-        except Exception:
-            pass
+        if lib is not None and lib.cudaHostUnregister(ctypes.c_void_p(p)) != 0:
+            lib.cudaGetLastError()
     ptrs.clear()
 
 

@@ -212,6 +212,8 @@ class StageOffload:
 
     def remove(self) -> None:
         self.evict_all()
+        if _is_cuda(self.device) and torch.cuda.is_available():
+            torch.cuda.current_stream(self.device).synchronize()  # copies from the pages being unlocked
         for home in self.homes.values():
             home.release()
         for h in self.handles:

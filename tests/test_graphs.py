@@ -98,11 +98,16 @@ def test_streamed_backbone_keeps_its_layer_hooks():
 
 
 def test_weights_that_keep_moving_give_up_the_graph():
-    from bitdance_core.graphs import GraphStats, _weights_moved_again
+    from bitdance_core.graphs import GraphStats, _replayed, _weights_moved_again
 
     st = GraphStats()
     assert not _weights_moved_again(st, "k", had_capture=False)  # a first capture
     assert not _weights_moved_again(st, "k", had_capture=True)  # moved once (loaded again elsewhere): recapture
+    _replayed(st, "k", unchanged=False)  # the replay right after that recapture
+    _replayed(st, "k", unchanged=True)  # and one with the weights where they were: moves are rare
+    assert st.recaptures == {} and st.replays == 2
+    assert not _weights_moved_again(st, "k", had_capture=True)  # moved once more, much later: one recapture
+    _replayed(st, "k", unchanged=False)
     assert "k" not in st.failures
-    assert _weights_moved_again(st, "k", had_capture=True)  # moved again: eager from now on
+    assert _weights_moved_again(st, "k", had_capture=True)  # moved again at once: eager from now on
     assert "offload" in st.failures["k"] and st.recaptures == {"k": 2}
