@@ -6,7 +6,13 @@ import json
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKFLOWS = os.path.join(REPO, "workflows")
+WORKFLOWS = os.path.join(REPO, "workflows")  # UI format: what ComfyUI's template browser lists
+API_WORKFLOWS = os.path.join(WORKFLOWS, "api")  # their API-format twins (.api.json), for HTTP queueing
+
+
+def ui_twin(api_path: str) -> str:
+    """workflows/api/NAME.api.json -> workflows/NAME.json"""
+    return os.path.join(WORKFLOWS, os.path.basename(api_path).replace(".api.json", ".json"))
 TEST_WORKFLOWS = os.path.join(REPO, "tests", "workflows")
 NODE_IDS = ["BitDanceModelLoader", "BitDanceTextEncode", "BitDanceARSampler", "BitDanceTokenizerLoader",
             "BitDanceDecode", "BitDanceEncode", "BitDanceImageNetLoader", "BitDanceImageNetSampler"]

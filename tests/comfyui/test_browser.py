@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from helpers import REPO, TEST_WORKFLOWS, WORKFLOWS
+from helpers import API_WORKFLOWS, REPO, TEST_WORKFLOWS, WORKFLOWS, ui_twin
 
 BROWSER_DIR = os.path.join(REPO, "tests", "browser")
 ARTIFACTS = os.path.join(REPO, "tests", "artifacts")
@@ -39,7 +39,7 @@ def _drive(comfy, mode: str, config: dict, tmp_path, timeout: int = 420) -> dict
 
 
 def _pairs():
-    return [(p.replace(".api.json", ".json"), p) for p in sorted(glob.glob(os.path.join(WORKFLOWS, "*.api.json")))]
+    return [(ui_twin(p), p) for p in sorted(glob.glob(os.path.join(API_WORKFLOWS, "*.api.json")))]
 
 
 @pytest.mark.writer  # a tool, not a check: collected only with BITDANCE_WRITE_UI_WORKFLOWS=1 (see conftest)

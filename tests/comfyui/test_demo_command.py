@@ -1,5 +1,5 @@
 """The embedded default: the built-in demo models are in the loaders' lists (no copying), and the
-Python part of scripts/demo.sh (scripts/run_workflow.py on workflows/demo_digits_t2i.api.json)
+Python part of scripts/demo.sh (scripts/run_workflow.py on workflows/api/demo_digits_t2i.api.json)
 writes a PNG of the demo model's native size, against the session server and with a server of its
 own, as `bash scripts/demo.sh` runs it."""
 from __future__ import annotations
@@ -12,12 +12,12 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from helpers import REPO, WORKFLOWS
+from helpers import API_WORKFLOWS, REPO
 
 from bitdance_core import demo_models
 
 SCRIPT = os.path.join(REPO, "scripts", "run_workflow.py")
-DEMO_WORKFLOW = os.path.join(WORKFLOWS, "demo_digits_t2i.api.json")
+DEMO_WORKFLOW = os.path.join(API_WORKFLOWS, "demo_digits_t2i.api.json")
 T2I_NAME = "demo/digits-t2i"
 IMAGENET_NAME = "demo/digits-imagenet/model.pt"
 
@@ -89,5 +89,5 @@ def test_demo_script_runs_this_workflow():
     with open(os.path.join(REPO, "scripts", "demo.sh")) as f:
         sh = f.read()
     for part in ("scripts/setup_engine.sh", "scripts/setup_comfyui.sh", "SKIP_BROWSER", "scripts/run_workflow.py",
-                 "workflows/demo_digits_t2i.api.json", "out/demo.png", "out/comfyui-demo"):
+                 "workflows/api/demo_digits_t2i.api.json", "out/demo.png", "out/comfyui-demo"):
         assert part in sh, part

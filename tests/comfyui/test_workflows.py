@@ -1,15 +1,16 @@
-"""Every API-format workflow in workflows/ runs on the server, with the tiny fixture models put in
+"""Every API-format workflow in workflows/api/ runs on the server, with the tiny fixture models put in
 place of the released ones they name (and sizes/steps scaled down for the CPU). The demo workflows
 (built-in demo models, `demo/...`) run exactly as committed."""
 from __future__ import annotations
 
 import copy
 import glob
+import json
 import os
 
 import pytest
 
-from helpers import WORKFLOWS, load
+from helpers import API_WORKFLOWS, WORKFLOWS, load, ui_twin
 
 from bitdance_core import demo_models
 
@@ -67,14 +68,16 @@ def tiny_version(wf: dict) -> tuple[dict, list[tuple[int, int]]]:
     return wf, expect
 
 
-API_FILES = sorted(glob.glob(os.path.join(WORKFLOWS, "*.api.json")))
+API_FILES = sorted(glob.glob(os.path.join(API_WORKFLOWS, "*.api.json")))
 
 
 def test_every_workflow_has_both_formats():
     assert len(API_FILES) >= 4
-    assert os.path.join(WORKFLOWS, "demo_digits_t2i.api.json") in API_FILES
+    assert os.path.join(API_WORKFLOWS, "demo_digits_t2i.api.json") in API_FILES
     for api in API_FILES:
-        assert os.path.isfile(api.replace(".api.json", ".json")), f"{api}: no UI-format twin"
+        assert os.path.isfile(ui_twin(api)), f"{api}: no UI-format twin"
+    # workflows/ itself holds only UI-format files: ComfyUI lists them as this pack's templates
+    assert sorted(os.listdir(WORKFLOWS)) == sorted([os.path.basename(ui_twin(p)) for p in API_FILES] + ["api"])
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=[os.path.basename(p) for p in API_FILES])
@@ -83,3 +86,15 @@ def test_workflow_runs(comfy, upload_example, path):
     entry = comfy.run(wf, timeout=600)
     sizes = [im.size for ims in comfy.images(entry).values() for im in ims]
     assert sorted(sizes) == sorted(expect)
+
+
+def test_workflows_are_the_packs_templates(comfy):
+    """ComfyUI lists a pack's workflows/ folder in its template browser (Workflow > Browse Templates):
+    the six UI workflows, not their API twins, each served as a loadable UI workflow."""
+    from conftest import PACK_NAME
+
+    listed = comfy.get("/workflow_templates")
+    assert sorted(listed.get(PACK_NAME, [])) == sorted(os.path.basename(ui_twin(p))[:-5] for p in API_FILES)
+    for name in listed[PACK_NAME]:
+        wf = json.loads(comfy.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.json"))
+        assert wf["nodes"] and "links" in wf and any(n["type"].startswith("BitDance") for n in wf["nodes"]), name
