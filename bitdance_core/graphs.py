@@ -27,9 +27,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .qwen3 import grouped_query_attention, rope_tables
 from .sampler import predraw_noise
 
 
@@ -198,18 +198,13 @@ def graphed_sampler(fn):
 
 def static_attention(attn, x, cos, sin, k_cache, v_cache, slots, key_mask):
     """Attention of one block whose new keys go to cache positions `slots` (a tensor), attending to
-    the whole cache [rows, kv_heads, max_len, head_dim] under `key_mask` [rows, 1, 1, max_len]."""
+    the whole cache [rows, kv_heads, max_len, head_dim] under `key_mask` [rows, 1, 1, max_len]
+    (grouped-query heads stacked along the query axis: the cache is never repeated per head)."""
     b, n, _ = x.shape
     q, k, v = attn.qkv(x, cos, sin)
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-    K, V = k_cache, v_cache
-    rep = attn.cfg.num_attention_heads // attn.cfg.num_key_value_heads
-    if rep > 1:  # repeat_interleave over heads, written as expand (no host sync under capture)
-        r, h, L, d = K.shape
-        K = K[:, :, None].expand(r, h, rep, L, d).reshape(r, h * rep, L, d)
-        V = V[:, :, None].expand(r, h, rep, L, d).reshape(r, h * rep, L, d)
-    out = F.scaled_dot_product_attention(q, K, V, attn_mask=key_mask, scale=attn.cfg.head_dim ** -0.5)
+    out = grouped_query_attention(q, k_cache, v_cache, key_mask, attn.cfg.head_dim ** -0.5)
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -278,8 +273,6 @@ class GraphedBackbone(nn.Module):
             key_mask = key_mask.clone()
             key_mask[:, :m.shape[1]] &= m
         key_mask = key_mask[:, None, None, :]
-        from .qwen3 import rope_tables
-
         cos, sin = rope_tables(self.inner.config, positions, self.inner.dtype)
         for hook in list(self.inner._forward_pre_hooks.values()):
             hook(self.inner, (inputs_embeds, positions, cache, start, mask))  # e.g. stage offload

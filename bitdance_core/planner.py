@@ -126,9 +126,11 @@ def _rms_peak(n_elems: int, s: int) -> int:
     return n_elems * (2 * 4 + (4 if s != 4 else 0) + s)
 
 
-def backbone_forward_peak(llm, rows: int, T: int, S: int, s: int, mask: str) -> int:
+def backbone_forward_peak(llm, rows: int, T: int, S: int, s: int, mask: str, grouped: bool = False) -> int:
     """Largest transient of one backbone forward of T tokens attending to S keys, inputs included.
-    mask: 'all' (True), 'bool' (a boolean [rows,1,T,S] mask, made float by SDPA).
+    mask: 'all' (True), 'bool' (a boolean mask, made float by SDPA: [rows,1,T,S], or [rows,1,1,S]
+    when grouped). grouped: a block step (qwen3.grouped_query_attention: the query heads stacked,
+    the cache not repeated; q copied once by the reshape).
     Alive throughout: the input embeddings, the boolean mask, cos/sin; in a layer: its input x and
     either the attention tensors (normed h, q, the GQA-repeated k and v over S keys, the float mask,
     the output) or the MLP's (x after attention, normed h, silu(gate), up, their product)."""
@@ -137,9 +139,13 @@ def backbone_forward_peak(llm, rows: int, T: int, S: int, s: int, mask: str) -> 
     rep = llm.num_attention_heads // llm.num_key_value_heads
     x = rows * T * H * s
     q = rows * T * nq * s
-    outer = x + 2 * rows * T * hd * s + (rows * T * S if mask == "bool" else 0)
-    kv_rep = 2 * rows * llm.num_attention_heads * S * hd * s if rep > 1 else 0
-    mask_f = rows * T * S * s if mask == "bool" else 0
+    mask_rows = 1 if grouped else T
+    outer = x + 2 * rows * T * hd * s + (rows * mask_rows * S if mask == "bool" else 0)
+    if grouped and rep > 1:
+        kv_rep = q  # the stacked copy of q instead of repeated keys and values
+    else:
+        kv_rep = 2 * rows * llm.num_attention_heads * S * hd * s if rep > 1 else 0
+    mask_f = rows * mask_rows * S * s if mask == "bool" else 0
     attn = x + x + q + kv_rep + mask_f + q
     rope = x + x + q * 3 + q // 2 + rows * T * llm.num_key_value_heads * hd * s
     mlp = 3 * x + 3 * rows * T * I * s
@@ -220,7 +226,7 @@ def estimate(llm, head, ae, height: int, width: int, num_images: int = 1, cfg: f
     g = max(groups)
     act = {
         "prefill": backbone_forward_peak(llm, g, L, L, s, "bool") + R * L * 8 * 3,
-        "step": hidden + pos_table + backbone_forward_peak(llm, g, P, max_len, s, "bool" if padded else "all")
+        "step": hidden + pos_table + backbone_forward_peak(llm, g, P, max_len, s, "bool" if padded else "all", grouped=True)
                 + (R * P * H * 4 if s != 4 else 0),
         "head": hidden + pos_table + head_forward_peak(head, R, P, s) + bits,
         "decode": bits + decoder_peak(ae, B, height, width, s_ae),

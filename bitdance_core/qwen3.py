@@ -81,6 +81,17 @@ def _rotate_half(x):
     return torch.cat([-b, a], dim=-1)
 
 
+def grouped_query_attention(q, k, v, key_mask, scale: float):
+    """SDPA of q [b, heads, n, d] over k, v [b, kv_heads, S, d] where the `heads // kv_heads` query
+    heads sharing a kv head (consecutive, as HF's repeat_kv pairs them) are stacked along the query
+    axis instead of repeating the keys and values: the same products, without writing and reading a
+    copy of the cache per layer. key_mask: None or [b, 1, 1, S] (the same keys for every query)."""
+    b, h, n, d = q.shape
+    kvh = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(b, kvh, (h // kvh) * n, d), k, v, attn_mask=key_mask, scale=scale)
+    return out.reshape(b, h, n, d)
+
+
 class KVCache:
     """Preallocated keys and values [layers, B, kv_heads, max_len, head_dim]."""
 
@@ -125,6 +136,9 @@ class Attention(nn.Module):
         rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
         if self.flash is not None and (mask is None or mask is True):
             out = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask is None)
+        elif rep > 1 and (mask is True or (mask is not None and mask.shape[-2] == 1)):
+            # a block step (every query sees the same keys): grouped, without repeating the cache
+            out = grouped_query_attention(q, k, v, None if mask is True else mask, hd ** -0.5).transpose(1, 2)
         else:
             if rep > 1:
                 k = k.repeat_interleave(rep, dim=1)
