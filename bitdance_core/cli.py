@@ -63,11 +63,22 @@ def _add_common(p, out=True):
 
 
 def cmd_t2i(args):
+    from .fitting import load_planned, plan_for
+    from .graphs import enable_compile, enable_graphs
     from .images import to_uint8
-    from .t2i import load_t2i
 
     dev, dtype = _device_dtype(args)
-    pipe = load_t2i(args.model, device=dev, dtype=dtype, attention=args.attention)
+    # weights and offload for this size and batch, against the GPU's free memory (auto: as stored, no
+    # offload, when that fits; on the CPU auto is always that)
+    free = torch.cuda.mem_get_info(torch.device(dev))[0] if dev.startswith("cuda") else None
+    decision = plan_for(args.model, free, device=dev, height=args.height, width=args.width, num_images=args.num_images,
+                        cfg=args.cfg, dtype=dtype, weights=args.weights, offload=args.offload)
+    print(f"[bitdance] {decision.summary()}", file=sys.stderr)
+    pipe, _offload = load_planned(args.model, decision, dev, dtype=dtype, attention=args.attention)
+    if args.graphs:
+        enable_graphs(pipe)  # after the offload hooks; a no-op on the CPU
+    if args.compile:
+        enable_compile(pipe)  # GPU only
     bits = pipe.generate(pipe.encode_prompt(args.prompt, args.negative_prompt), args.height, args.width, args.steps,
                          args.cfg, args.num_images, args.seed, callback=_progress("blocks"))
     save_outputs(to_uint8(pipe.decode(bits)).numpy(), bits, args)
@@ -113,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"])
+    p.add_argument("--weights", default="auto", choices=["auto", "as-is", "fp8"],
+                   help="fp8: backbone and head linears in float8 (auto: fp8 only where as-is does not fit the GPU)")
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "stage", "stream"],
+                   help="auto: the fastest mode that fits the GPU's free memory for this size and batch")
+    p.add_argument("--graphs", action="store_true", help="CUDA graphs for the head's sampling loop and the block step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the head and the backbone (GPU)")
     _add_common(p)
     p.set_defaults(func=cmd_t2i)
 

@@ -8,6 +8,7 @@ from .. import bitdance_core as bd  # noqa: F401  (the public API)
 from ..bitdance_core import find_autoencoder_files  # noqa: F401  (tokenizer file layout)
 from ..bitdance_core import demo_models as _demo
 from ..bitdance_core import fitting as _fitting
+from ..bitdance_core import graphs as _graphs
 from ..bitdance_core.t2i import ModelFiles
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
@@ -53,4 +54,10 @@ def check_generation(pipe, decision, height: int, width: int, num_images: int, c
     """Whether one generation fits the model as loaded (its predicted peak, the largest batch that
     fits, and what to change when it does not)."""
     return _fitting.check_generation(pipe, decision, height, width, num_images, cfg, free_bytes, prompt=prompt)
+
+
+def enable_cuda_graphs(pipe) -> bool:
+    """CUDA graphs for a loaded text-to-image pipeline; False (nothing changed) without CUDA."""
+    acc = _graphs.enable_graphs(pipe)
+    return acc.backbone is not None or acc.head_net is not None
 

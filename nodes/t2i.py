@@ -8,8 +8,8 @@ from comfy_api.latest import io
 
 from . import paths
 from .download import download_release
-from .engine import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, check_generation, find_t2i_files, load_t2i_planned,
-                     plan_t2i)
+from .engine import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, check_generation, enable_cuda_graphs, find_t2i_files,
+                     load_t2i_planned, plan_t2i)
 from .memory import DTYPE_CHOICES, Managed, free_memory_for_planning, make_room, pick_device, pick_dtype
 from .validation import check_combos
 from .progress import BlockProgress
@@ -49,6 +49,10 @@ class BitDanceModelLoader(io.ComfyNode):
                                        "stream: some backbone layers stay on the GPU, the others are streamed from "
                                        "CPU memory. auto: the fastest that fits the free GPU memory (the console says "
                                        "what was chosen and why). On the CPU auto is none."),
+                io.Boolean.Input("cuda_graphs", default=False, optional=True,
+                                 tooltip="Replay the diffusion head's sampling loop and the backbone's block step "
+                                         "as CUDA graphs (far fewer kernel launches; falls back to eager where "
+                                         "capture fails). GPU only; experimental until measured on a GPU."),
             ],
             outputs=[ModelType.Output(display_name="model"), TokenizerType.Output(display_name="tokenizer")],
         )
@@ -59,7 +63,7 @@ class BitDanceModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: str, dtype: str = "auto", attention: str = "auto", download: bool = False,
-                weights: str = "auto", offload: str = "auto") -> io.NodeOutput:
+                weights: str = "auto", offload: str = "auto", cuda_graphs: bool = False) -> io.NodeOutput:
         path = resolve_or_download(model, "model", download)
         device = pick_device()
         torch_dtype = pick_dtype(dtype, device)
@@ -69,6 +73,9 @@ class BitDanceModelLoader(io.ComfyNode):
         make_room(path, device, torch_dtype, need=decision.plan.peak_bytes)
         pipe, off = load_t2i_planned(path, decision, device, torch_dtype,
                                      attention="sdpa" if attention == "auto" else attention)
+        if cuda_graphs:
+            enabled = enable_cuda_graphs(pipe)  # after the offload hooks
+            print(f"[BitDance] {model}: CUDA graphs {'on' if enabled else 'off (no CUDA device)'}", flush=True)
         managed = Managed(pipe, {"backbone": pipe.backbone, "head": pipe.head, "projector": pipe.projector,
                                  "autoencoder": pipe.autoencoder}, device, os.path.realpath(path), model,
                           offload=off, memory=decision)

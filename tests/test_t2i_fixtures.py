@@ -49,3 +49,35 @@ def test_cli_reports_bad_size_clearly(tmp_path):
                 "--steps", "2", "--cfg", "1", "--num-images", "1", "--seed", "0", "--device", "cpu")
     assert r.returncode == 2
     assert "height 100" in r.stderr and "multiple of 64" in r.stderr
+
+
+@pytest.mark.parametrize("options,decision", [
+    (["--offload", "stream", "--graphs"], "weights as-is, offload stream (1 resident layer)"),
+    (["--offload", "stage"], "weights as-is, offload stage"),
+])
+def test_cli_memory_options_keep_the_official_tokens(options, decision, tmp_path):
+    """--weights/--offload (planned for this size and batch) and --graphs (a no-op without CUDA)
+    change where the weights live, not the arithmetic: the official tokens, bit for bit."""
+    fixture, case = CASES[0]
+    p = json.load(open(os.path.join(fixture, case, "params.json")))
+    tok = tmp_path / "t.npy"
+    r = run_cli("t2i", "--model", os.path.join(fixture, "model"), "--prompt", p["prompt"],
+                "--height", str(p["height"]), "--width", str(p["width"]), "--steps", str(p["num_sampling_steps"]),
+                "--cfg", str(p["guidance_scale"]), "--num-images", str(p["num_images"]), "--seed", str(p["seed"]),
+                "--device", "cpu", "--dtype", "float32", "--tokens-npy", str(tok), *options)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"[bitdance] {decision}" in r.stderr and f"planned for {p['height']}x{p['width']}" in r.stderr, r.stderr[-2000:]
+    h, w = p["latent_grid_hw"]
+    ref_tokens = blocks_to_raster(np.load(os.path.join(fixture, case, "tokens.npy")), h, w, p["patch_side_ps"])
+    assert np.array_equal(np.load(tok), ref_tokens)
+
+
+def test_cli_fp8_weights_make_an_image(tmp_path):
+    fx = fixture_dirs("t2i-tiny-p16")[0]
+    r = run_cli("t2i", "--model", os.path.join(fx, "model"), "--prompt", "a cat", "--height", "128", "--width", "128",
+                "--steps", "2", "--cfg", "4", "--seed", "0", "--device", "cpu", "--weights", "fp8",
+                "--pixels-npy", str(tmp_path / "p.npy"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[bitdance] weights fp8, offload none" in r.stderr
+    pixels = np.load(tmp_path / "p.npy")
+    assert pixels.shape == (1, 128, 128, 3) and pixels.std() > 1.0

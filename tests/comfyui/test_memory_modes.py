@@ -80,3 +80,13 @@ def test_offload_modes_give_the_same_image(comfy):
         img, log = _run(comfy, _with(tiny_t2i(seed=SEED + 3), dtype="fp32", weights="as-is", offload=mode))
         assert f"weights as-is, offload {mode}" in _decision(log)
         assert np.array_equal(img, plain), mode
+
+
+def test_cuda_graphs_option(comfy):
+    """The loader's opt-in CUDA graphs: listed (off by default); without CUDA it says so and changes nothing."""
+    info = comfy.get("/object_info/BitDanceModelLoader")["BitDanceModelLoader"]["input"]
+    assert info["optional"]["cuda_graphs"][0] == "BOOLEAN" and info["optional"]["cuda_graphs"][1]["default"] is False
+    plain, _ = _run(comfy, _plain_float32(SEED + 5))
+    img, log = _run(comfy, _with(_plain_float32(SEED + 5), cuda_graphs=True))
+    assert "[BitDance] t2i-tiny-p16: CUDA graphs off (no CUDA device)" in log, log[-2000:]
+    assert np.array_equal(img, plain)

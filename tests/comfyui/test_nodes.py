@@ -12,7 +12,7 @@ from helpers import NODE_IDS, REPO, TEST_WORKFLOWS, load, node_of, tiny_t2i
 
 EXPECTED = {
     "BitDanceModelLoader": ({"model": "COMBO", "dtype": "COMBO", "attention": "COMBO", "download": "BOOLEAN",
-                             "weights": "COMBO", "offload": "COMBO"},
+                             "weights": "COMBO", "offload": "COMBO", "cuda_graphs": "BOOLEAN"},
                             ["BITDANCE_MODEL", "BITDANCE_TOKENIZER"]),
     "BitDanceTextEncode": ({"model": "BITDANCE_MODEL", "prompt": "STRING", "negative_prompt": "STRING"},
                            ["BITDANCE_CONDITIONING"]),
