@@ -4,7 +4,7 @@
 # Then the CUDA tests (scaled-mm fp8, pinned streaming, graph capture, planner vs allocations).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python}
+PY=${PY:-python3}
 OUT=${OUT:-out/bench}
 mkdir -p "$OUT"
 run() { local name=$1; shift; echo "== $name: $*"; timeout 900 $PY -m bitdance_core bench --device cuda --json "$@" > "$OUT/$name.json" && \
