@@ -37,3 +37,18 @@ def run_cli(*args, timeout: int = 900):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "bitdance_core", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def compare_with_official(tokens_npy, ref_tokens, pixels_npy, ref_pixels_npy):
+    """Asserts the CLI's tokens equal the official ones bit for bit and its pixels have the official
+    dtype and shape; returns |pixels - official pixels| (each caller bounds it)."""
+    import numpy as np
+
+    tokens = np.load(tokens_npy)
+    assert tokens.dtype == np.float32 and tokens.shape == ref_tokens.shape
+    mismatched = int((tokens != ref_tokens).sum())
+    assert mismatched == 0, f"{mismatched} of {tokens.size} bits differ from the official tokens"
+    pixels, ref_pixels = np.load(pixels_npy), np.load(ref_pixels_npy)
+    assert pixels.dtype == np.uint8 and pixels.shape == ref_pixels.shape
+    return np.abs(pixels.astype(int) - ref_pixels.astype(int))
+

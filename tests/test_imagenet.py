@@ -12,7 +12,9 @@ from bitdance_core.checkpoints import expected_shapes, load_pt
 from bitdance_core.imagenet import build_imagenet
 from bitdance_core.imagenet_classes import class_index, imagenet_class_names, parse_classes
 from bitdance_core.imagenet_config import ImageNetConfig, config_from_shapes
-from paths import fixture_dirs, official_keys, run_cli
+from paths import compare_with_official, fixture_dirs, official_keys, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 FIXTURES = fixture_dirs("imagenet-")
 CASES = [(fx, c) for fx in FIXTURES for c in sorted(os.listdir(fx)) if os.path.isfile(os.path.join(fx, c, "params.json"))]
@@ -32,13 +34,7 @@ def test_imagenet_fixture_through_cli(fixture, case, tmp_path):
                 "--out", str(tmp_path / "img.png"))
     assert r.returncode == 0, r.stderr[-3000:]
     ref_tokens = np.load(os.path.join(fixture, case, "tokens.npy"))
-    tokens = np.load(tok)
-    assert tokens.dtype == np.float32 and tokens.shape == ref_tokens.shape
-    mismatched = int((tokens != ref_tokens).sum())
-    assert mismatched == 0, f"{mismatched} of {tokens.size} bits differ from the official tokens"
-    pixels, ref_pixels = np.load(pix), np.load(os.path.join(fixture, case, "image.npy"))
-    assert pixels.dtype == np.uint8 and pixels.shape == ref_pixels.shape
-    diff = np.abs(pixels.astype(int) - ref_pixels.astype(int))
+    diff = compare_with_official(tok, ref_tokens, pix, os.path.join(fixture, case, "image.npy"))
     assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, f"max {diff.max()}, {(diff > 0).sum()} values off"
     n = len(p["cond"])
     pngs = [tmp_path / "img.png"] if n == 1 else [tmp_path / f"img_{i}.png" for i in range(n)]
@@ -49,14 +45,6 @@ def test_imagenet_fixture_through_cli(fixture, case, tmp_path):
 # ---- configs and key lists -----------------------------------------------------------------------------
 
 KEYS = official_keys()
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """As the fixtures were made (and much faster for these tiny models on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 RELEASED = [  # section, (dim, layers, heads, P, head kind, diff layers, adaLN blocks, default cfg)
     ("imagenet_B_1x", (768, 24, 12, 1, "mlp", 6, 2, 3.2)),

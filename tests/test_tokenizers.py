@@ -16,12 +16,7 @@ IMAGENET = os.path.join(FIXTURES, "imagenet-tiny-p4")
 needs_ae = pytest.mark.skipif(not os.path.isdir(AE_TINY), reason="shared/fixtures/ae-tiny not present")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fx(name):
