@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bitdance_core.bench import BenchConfig, format_report, run_bench  # noqa: E402
-from bitdance_core.synthetic import SHAPES  # noqa: E402
+from bitdance_core.cli.bench import BenchConfig, format_report, run_bench  # noqa: E402
+from bitdance_core.cli.synthetic import SHAPES  # noqa: E402
 
 
 def main(argv=None) -> int:

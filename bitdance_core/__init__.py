@@ -1,21 +1,23 @@
 """BitDance engine: text-to-image, ImageNet class-conditional models and binary tokenizers.
 
-Self-contained (torch, safetensors, tokenizers); never imports ComfyUI.
+Self-contained (torch, safetensors, tokenizers); never imports ComfyUI. This module is the public API;
+the memory and speed options are `bitdance_core.runtime`. The layers (ARCHITECTURE.md): errors and
+formats at the bottom, models above them, pipelines above models, runtime wrapping pipelines, and the
+command line (cli) and training (train) on top.
 """
-from .autoencoder import BinaryAutoencoder, find_autoencoder_files, load_autoencoder as load_tokenizer
 from .errors import BitDanceError, OutOfDeviceMemory
-from .imagenet_classes import class_index, imagenet_class_names, parse_classes
-from .prompts import PromptTokens
-from .images import from_unit_hwc, to_uint8, to_unit_hwc
-from .t2i import OFFICIAL_SIZES, T2IInfo, T2IPipeline, describe_t2i, load_t2i
+from .models.autoencoder import BinaryAutoencoder
+from .pipelines.imagenet import ImageNetPipeline, load_imagenet
+from .pipelines.imagenet_classes import class_index, imagenet_class_names, parse_classes
+from .pipelines.images import from_unit_hwc, to_uint8, to_unit_hwc
+from .pipelines.prompts import PromptTokens
+from .pipelines.t2i import OFFICIAL_SIZES, T2IPipeline
+from .pipelines.t2i_loading import ModelFiles, T2IInfo, describe_t2i, load_t2i
+from .pipelines.tokenizers import find_autoencoder_files, load_autoencoder as load_tokenizer
 
+find_t2i_files = ModelFiles.find  # raises BitDanceError unless the path is a text-to-image model folder
 
-def load_imagenet(*args, **kwargs):
-    from .imagenet import load_imagenet as _load
-
-    return _load(*args, **kwargs)
-
-
-__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "OutOfDeviceMemory", "PromptTokens", "T2IInfo", "T2IPipeline", "class_index",
-           "describe_t2i", "find_autoencoder_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet",
-           "load_t2i", "load_tokenizer", "parse_classes", "to_uint8", "to_unit_hwc"]
+__all__ = ["BinaryAutoencoder", "BitDanceError", "ImageNetPipeline", "ModelFiles", "OFFICIAL_SIZES", "OutOfDeviceMemory",
+           "PromptTokens", "T2IInfo", "T2IPipeline", "class_index", "describe_t2i", "find_autoencoder_files",
+           "find_t2i_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet", "load_t2i", "load_tokenizer",
+           "parse_classes", "to_uint8", "to_unit_hwc"]

@@ -5,11 +5,9 @@ Everything the nodes use from the engine is named here, so an engine change show
 from __future__ import annotations
 
 from .. import bitdance_core as bd  # noqa: F401  (the public API)
-from ..bitdance_core import find_autoencoder_files  # noqa: F401  (tokenizer file layout)
 from ..bitdance_core import demo_models as _demo
-from ..bitdance_core import fitting as _fitting
-from ..bitdance_core import graphs as _graphs
-from ..bitdance_core.t2i import ModelFiles
+from ..bitdance_core import runtime as _runtime  # the memory and speed options
+from ..bitdance_core import find_autoencoder_files  # noqa: F401  (tokenizer file layout)
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
 # text-to-image model folder and the class-conditional checkpoint (they may not be there yet)
@@ -17,14 +15,14 @@ DEMO_DIR = _demo.HERE
 DEMO_T2I = _demo.T2I
 DEMO_IMAGENET = _demo.IMAGENET
 
-# The model loader's memory options (see bitdance_core/fitting.py: plan_for)
-WEIGHTS_CHOICES = list(_fitting.WEIGHTS_CHOICES)
-OFFLOAD_CHOICES = list(_fitting.OFFLOAD_CHOICES)
+# The model loader's memory options (see bitdance_core/runtime/fitting.py: plan_for)
+WEIGHTS_CHOICES = list(_runtime.WEIGHTS_CHOICES)
+OFFLOAD_CHOICES = list(_runtime.OFFLOAD_CHOICES)
 
 
 def find_t2i_files(path: str):
     """Raises BitDanceError unless `path` is a text-to-image model folder (official or diffusers)."""
-    return ModelFiles.find(path)
+    return bd.find_t2i_files(path)
 
 
 def describe_t2i(path: str) -> dict:
@@ -42,22 +40,22 @@ def imagenet_class_names() -> list[str]:
 def plan_t2i(path: str, free_bytes: int, device, dtype, weights: str, offload: str):
     """The engine's decision (weights, offload mode, why) for a text-to-image model folder, from its
     config files and the free device memory; raises BitDanceError when nothing asked for fits."""
-    return _fitting.plan_for(path, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
+    return _runtime.plan_for(path, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
 
 
 def load_t2i_planned(path: str, decision, device, dtype, attention: str):
     """(pipeline, Offload or None), loaded as the decision says."""
-    return _fitting.load_planned(path, decision, device, dtype=dtype, attention=attention)
+    return _runtime.load_planned(path, decision, device, dtype=dtype, attention=attention)
 
 
 def check_generation(pipe, decision, height: int, width: int, num_images: int, cfg: float, free_bytes, prompt):
     """Whether one generation fits the model as loaded (its predicted peak, the largest batch that
     fits, and what to change when it does not)."""
-    return _fitting.check_generation(pipe, decision, height, width, num_images, cfg, free_bytes, prompt=prompt)
+    return _runtime.check_generation(pipe, decision, height, width, num_images, cfg, free_bytes, prompt=prompt)
 
 
 def enable_cuda_graphs(pipe) -> bool:
     """CUDA graphs for a loaded text-to-image pipeline; False (nothing changed) without CUDA."""
-    acc = _graphs.enable_graphs(pipe)
+    acc = _runtime.enable_graphs(pipe)
     return acc.backbone is not None or acc.head_net is not None
 

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from bitdance_core.bench import BenchConfig, format_report, run_bench
-from bitdance_core.synthetic import custom_shape
+from bitdance_core.cli.bench import BenchConfig, format_report, run_bench
+from bitdance_core.cli.synthetic import custom_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)

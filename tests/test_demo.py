@@ -16,8 +16,8 @@ import torch
 from paths import REPO
 
 from bitdance_core import demo_models as dm
-from bitdance_core.autoencoder import load_autoencoder
-from bitdance_core.checkpoints import load_pt
+from bitdance_core.pipelines.tokenizers import load_autoencoder
+from bitdance_core.formats.checkpoints import load_pt
 from bitdance_core.train import data
 from bitdance_core.train.evaluate import describe, recognition
 from bitdance_core.train.tokenizer import roundtrip_psnr

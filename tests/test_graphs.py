@@ -4,9 +4,9 @@ import warnings
 
 import torch
 
-from bitdance_core.graphs import GraphedBackbone, GraphedModule, enable_compile, enable_graphs, graphed_sampler
-from bitdance_core.sampler import SAMPLERS
-from bitdance_core.synthetic import build_random_t2i, custom_shape
+from bitdance_core.runtime.graphs import GraphedBackbone, GraphedModule, enable_compile, enable_graphs, graphed_sampler
+from bitdance_core.models.sampler import SAMPLERS
+from bitdance_core.cli.synthetic import build_random_t2i, custom_shape
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")
@@ -58,7 +58,7 @@ def test_switches_are_noops_on_the_cpu():
 def test_predrawn_noise_is_the_samplers_own_draws():
     """The loop graph's noise is drawn before the loop (predraw_noise): the same numbers, so the
     same bits, as the sampler drawing them itself, for both samplers, with and without guidance."""
-    from bitdance_core.sampler import noise_draws, predraw_noise
+    from bitdance_core.models.sampler import noise_draws, predraw_noise
 
     net = build_random_t2i("tiny", seed=3).head.net
     for name, kw in (("euler_maruyama", {"time_shift": 1.0}), ("euler", {})):
@@ -79,7 +79,7 @@ def test_predrawn_noise_is_the_samplers_own_draws():
 def test_streamed_backbone_keeps_its_layer_hooks():
     """Streaming offload brings each streamed layer in from the layer's own pre-hook; the static
     step bypasses layer calls, so a backbone with such hooks must stay on the eager step."""
-    from bitdance_core.offload import apply_offload
+    from bitdance_core.runtime.offload import apply_offload
 
     shape = custom_shape("tiny", layers=3, hidden=64, heads=4, kv_heads=2)
     ref = build_random_t2i(shape, seed=4).generate(PROMPT, 128, 128, steps=1, cfg=4.0, seed=2)
@@ -98,7 +98,7 @@ def test_streamed_backbone_keeps_its_layer_hooks():
 
 
 def test_weights_that_keep_moving_give_up_the_graph():
-    from bitdance_core.graphs import GraphStats, _replayed, _weights_moved_again
+    from bitdance_core.runtime.graphs import GraphStats, _replayed, _weights_moved_again
 
     st = GraphStats()
     assert not _weights_moved_again(st, "k", had_capture=False)  # a first capture

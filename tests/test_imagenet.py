@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bitdance_core import BitDanceError, load_imagenet
-from bitdance_core.checkpoints import expected_shapes, load_pt
-from bitdance_core.imagenet import build_imagenet
-from bitdance_core.imagenet_classes import class_index, imagenet_class_names, parse_classes
-from bitdance_core.imagenet_config import ImageNetConfig, config_from_shapes
+from bitdance_core.formats.checkpoints import expected_shapes, load_pt
+from bitdance_core.models.imagenet import build_imagenet
+from bitdance_core.pipelines.imagenet_classes import class_index, imagenet_class_names, parse_classes
+from bitdance_core.models.imagenet_config import ImageNetConfig, config_from_shapes
 from paths import compare_with_official, fixture_dirs, official_keys, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from bitdance_core.autoencoder import AutoencoderConfig
-from bitdance_core.checkpoints import expected_shapes
-from bitdance_core.head import HeadConfig
-from bitdance_core.qwen3 import Qwen3Config
-from bitdance_core.t2i import build_t2i_modules
+from bitdance_core.models.ae_layers import AutoencoderConfig
+from bitdance_core.formats.checkpoints import expected_shapes
+from bitdance_core.models.head import HeadConfig
+from bitdance_core.models.qwen3 import Qwen3Config
+from bitdance_core.pipelines.t2i_loading import build_t2i_modules
 from paths import official_keys
 
 KEYS = official_keys()
@@ -33,7 +33,7 @@ def test_t2i_14b_keys_and_shapes(variant, vocab, llm_section):
 
 @pytest.mark.parametrize("name,z", [("ae_d32c128", 128), ("ae_d32c256", 256)])
 def test_gan_tokenizer_keys(name, z):
-    from bitdance_core.autoencoder import build_autoencoder
+    from bitdance_core.models.autoencoder import build_autoencoder
 
     cfg = AutoencoderConfig(ch=128, ch_mult=(1, 1, 2, 2, 4, 8), num_res_blocks=4, z_channels=z, gan_decoder=True)
     assert expected_shapes(build_autoencoder(cfg)) == KEYS[name]

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from bitdance_core.offload import HostEmbedding, StageOffload, apply_offload, lru_order
-from bitdance_core.synthetic import build_random_t2i, custom_shape
+from bitdance_core.runtime.offload import HostEmbedding, StageOffload, apply_offload, lru_order
+from bitdance_core.cli.synthetic import build_random_t2i, custom_shape
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")
@@ -140,8 +140,8 @@ def test_host_copies_packed_into_page_aligned_chunks():
     """With pinning asked for, the CPU masters are packed into page-aligned chunks (one
     cudaHostRegister each on CUDA; on this CPU-only machine they stay pageable): the same values,
     views of a few chunks, about the weights' bytes in all."""
-    from bitdance_core.host_memory import ALIGN, PAGE, plan_chunks
-    from bitdance_core.offload import WeightHome
+    from bitdance_core.runtime.host_memory import ALIGN, PAGE, plan_chunks
+    from bitdance_core.runtime.offload import WeightHome
 
     assert plan_chunks([100, 200, 300], chunk_bytes=512) == [[0, 1], [2]]
     assert plan_chunks([1000, 10, 10], chunk_bytes=512) == [[0], [1, 2]]  # too big: a chunk of its own

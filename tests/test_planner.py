@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bitdance_core.errors import BitDanceError
-from bitdance_core.offload import apply_offload
-from bitdance_core.planner import ModelSizes, choose_mode, estimate, estimate_pipeline, measure_peak
-from bitdance_core.synthetic import SHAPES, build_random_t2i, custom_shape
+from bitdance_core.runtime.offload import apply_offload
+from bitdance_core.runtime.planner import ModelSizes, choose_mode, estimate, estimate_pipeline, measure_peak
+from bitdance_core.cli.synthetic import SHAPES, build_random_t2i, custom_shape
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")
@@ -103,9 +103,9 @@ def test_choose_mode_at_14b():
 
 from paths import FIXTURES  # noqa: E402
 
-from bitdance_core.fitting import check_generation, load_planned, plan_for  # noqa: E402
-from bitdance_core.quant import Fp8Linear  # noqa: E402
-from bitdance_core.synthetic import save_configs  # noqa: E402
+from bitdance_core.runtime.fitting import check_generation, load_planned, plan_for  # noqa: E402
+from bitdance_core.formats.fp8 import Fp8Linear  # noqa: E402
+from bitdance_core.cli.synthetic import save_configs  # noqa: E402
 
 GiB = 1 << 30
 TINY_T2I = f"{FIXTURES}/t2i-tiny-p16/model"
@@ -207,7 +207,7 @@ def test_load_planned_on_the_cpu():
 def test_check_generation_catches_a_batch_the_load_does_not_fit():
     from bitdance_core import load_t2i
     from bitdance_core.errors import OutOfDeviceMemory
-    from bitdance_core.planner import estimate_pipeline, usable_bytes
+    from bitdance_core.runtime.planner import estimate_pipeline, usable_bytes
 
     pipe = load_t2i(TINY_T2I, device="cpu", dtype=torch.float32)
     tokens = pipe.encode_prompt("a red fox")
@@ -248,7 +248,7 @@ def test_check_generation_catches_a_batch_the_load_does_not_fit():
     assert c.fits and c.usable_bytes is None and c.max_images is None
 
     # a model whose weights matter: a reload with fp8 or an offload mode would fit the batch
-    from bitdance_core.synthetic import build_random_t2i
+    from bitdance_core.cli.synthetic import build_random_t2i
 
     mid = build_random_t2i("mid")
     cfgs = (mid.backbone.config, mid.head.config, mid.autoencoder.config)

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from bitdance_core.errors import BitDanceError
-from bitdance_core.prompts import UNCOND_PROMPT, qwen3_bitdance_codec
+from bitdance_core.pipelines.prompts import UNCOND_PROMPT, qwen3_bitdance_codec
 
 
 def qwen3_tokenizer_json() -> str:

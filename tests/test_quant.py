@@ -9,11 +9,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bitdance_core.errors import BitDanceError
-from bitdance_core.quant import (FP8, Fp8Linear, Fp8Source, dequantize_fp8, load_comfy_split, load_t2i_fp8,
-                                 parallel_num_from_codec, quantize_fp8, quantize_linears, save_comfy_split,
-                                 set_matmul)
-from bitdance_core.checkpoints import open_safetensors
-from bitdance_core.synthetic import SHAPES, SyntheticCodec, build_random_t2i, save_official_folder, write_tokenizer_json
+from bitdance_core.formats.checkpoints import open_safetensors
+from bitdance_core.formats.fp8 import FP8, Fp8Linear, Fp8Source, dequantize_fp8, quantize_fp8, quantize_linears, set_matmul
+from bitdance_core.pipelines.comfy_split import load_comfy_split, parallel_num_from_codec, save_comfy_split
+from bitdance_core.pipelines.t2i_loading import load_t2i
+from bitdance_core.cli.synthetic import SHAPES, SyntheticCodec, build_random_t2i, save_official_folder, write_tokenizer_json
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")
@@ -94,7 +94,7 @@ def test_scaled_mm_path_on_the_cpu():
 
 def test_scaled_mm_pipeline_on_the_cpu(ref_pipe, tok_dir, tmp_path):
     folder = save_official_folder(ref_pipe, str(tmp_path / "model"), os.path.join(tok_dir, "tokenizer.json"))
-    pipe = load_t2i_fp8(folder, dtype=torch.bfloat16, matmul="scaled_mm")
+    pipe = load_t2i(folder, dtype=torch.bfloat16, weights="fp8", matmul="scaled_mm")
     lin = pipe.backbone.model.layers[0].mlp.down_proj
     assert isinstance(lin, Fp8Linear) and lin.matmul == "scaled_mm"
     g = torch.Generator().manual_seed(0)
@@ -158,7 +158,7 @@ def test_fp8_source_reads_every_scale_spelling(tmp_path):
 
 def test_quantise_on_load_from_an_official_folder(ref_pipe, tok_dir, tmp_path):
     folder = save_official_folder(ref_pipe, str(tmp_path / "model"), os.path.join(tok_dir, "tokenizer.json"))
-    pipe = load_t2i_fp8(folder, dtype=torch.float32)
+    pipe = load_t2i(folder, dtype=torch.float32, weights="fp8")
     lin = pipe.backbone.model.layers[1].mlp.down_proj
     assert isinstance(lin, Fp8Linear) and lin.weight.dtype == FP8
     q, s = quantize_fp8(ref_pipe.backbone.model.layers[1].mlp.down_proj.weight)

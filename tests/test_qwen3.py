@@ -3,8 +3,8 @@ import warnings
 
 import torch
 
-from bitdance_core.checkpoints import source_from_state_dict, materialize
-from bitdance_core.qwen3 import KVCache, Qwen3Backbone, Qwen3Config
+from bitdance_core.formats.checkpoints import source_from_state_dict, materialize
+from bitdance_core.models.qwen3 import KVCache, Qwen3Backbone, Qwen3Config
 
 from comfy_launcher import _define_torchvision_schemas
 

@@ -24,7 +24,7 @@ def pipe():
 
 
 def official_case1_bits(pipe):
-    from bitdance_core.positions import blocks_to_raster
+    from bitdance_core.models.positions import blocks_to_raster
 
     return blocks_to_raster(torch.from_numpy(np.load(os.path.join(CASE1, "tokens.npy"))), 16, 16, 4)
 

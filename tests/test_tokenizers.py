@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from bitdance_core import BitDanceError, load_tokenizer, to_uint8
-from bitdance_core.autoencoder import AutoencoderConfig, BinaryAutoencoder, build_autoencoder, config_from_shapes
-from bitdance_core.checkpoints import expected_shapes
+from bitdance_core.models.ae_layers import AutoencoderConfig
+from bitdance_core.models.autoencoder import BinaryAutoencoder, build_autoencoder, config_from_shapes
+from bitdance_core.formats.checkpoints import expected_shapes
 from paths import FIXTURES, official_keys
 
 AE_TINY = os.path.join(FIXTURES, "ae-tiny")

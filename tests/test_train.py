@@ -12,15 +12,15 @@ import os
 import torch
 
 import bitdance_core as bd
-from bitdance_core.imagenet import KVCache, first_step_mask
-from bitdance_core.positions import sincos_2d_blocks
-from bitdance_core.head import HeadConfig
-from bitdance_core.prompts import COND_TEMPLATE, UNCOND_PROMPT, load_prompt_codec
-from bitdance_core.qwen3 import Qwen3Config
-from bitdance_core.t2i import BackboneRun
+from bitdance_core.models.imagenet import KVCache, first_step_mask
+from bitdance_core.models.positions import sincos_2d_blocks
+from bitdance_core.models.head import HeadConfig
+from bitdance_core.pipelines.prompts import COND_TEMPLATE, UNCOND_PROMPT, load_prompt_codec
+from bitdance_core.models.qwen3 import Qwen3Config
+from bitdance_core.pipelines.t2i import BackboneRun
 from bitdance_core.train import classcond, text2image
 from bitdance_core.train.text_tokenizer import build_text_tokenizer
-from bitdance_core.autoencoder import BinaryAutoencoder
+from bitdance_core.models.autoencoder import BinaryAutoencoder
 from bitdance_core.train.tokenizer import DEMO_AE, init_autoencoder, train_tokenizer
 
 

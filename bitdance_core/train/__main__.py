@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..autoencoder import load_autoencoder
+from ..pipelines.tokenizers import load_autoencoder
 from .common import save_json
 
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
 def report(out: str, per_class: int, only: str | None) -> None:
     """Scores the models in OUT the way tests/test_demo.py does (seed 0, the demo defaults)."""
-    from ..demo_cli import generate_digits
+    from ..cli.demo import generate_digits
     from . import data
     from .evaluate import describe, recognition
     from .tokenizer import roundtrip_psnr

@@ -13,10 +13,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..autoencoder import BinaryAutoencoder
-from ..imagenet import ImageNetModel, apply_rope
-from ..imagenet_config import ImageNetConfig
-from ..positions import raster_to_blocks
+from ..models.autoencoder import BinaryAutoencoder
+from ..models.imagenet import ImageNetModel, apply_rope
+from ..models.imagenet_config import ImageNetConfig
+from ..models.positions import raster_to_blocks
 from . import data
 from .common import EMA, Log, adamw, lr_at, optimize, run_summary, save_json, setup
 from .diffusion import drop_labels, flip_bits, flow_loss, init_head, init_linear_embed

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..head import HeadNet
+from ..models.head import HeadNet
 
 
 def flow_loss(net: HeadNet, target: torch.Tensor, cond: torch.Tensor, p_mean: float, p_std: float,

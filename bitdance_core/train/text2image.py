@@ -15,12 +15,12 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from ..autoencoder import BinaryAutoencoder
-from ..head import DiffusionHead, HeadConfig
-from ..positions import raster_to_blocks, sincos_2d_blocks
-from ..projector import Projector
-from ..prompts import COND_TEMPLATE, UNCOND_PROMPT, PromptCodec, from_tokenizers_file
-from ..qwen3 import Qwen3Backbone, Qwen3Config
+from ..models.autoencoder import BinaryAutoencoder
+from ..models.head import DiffusionHead, HeadConfig
+from ..models.positions import raster_to_blocks, sincos_2d_blocks
+from ..models.projector import Projector
+from ..pipelines.prompts import COND_TEMPLATE, UNCOND_PROMPT, PromptCodec, from_tokenizers_file
+from ..models.qwen3 import Qwen3Backbone, Qwen3Config
 from . import data
 from .common import EMA, Log, adamw, lr_at, optimize, run_summary, save_json, setup
 from .diffusion import flip_bits, flow_loss, init_head, init_linear_embed

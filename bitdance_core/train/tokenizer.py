@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..autoencoder import AutoencoderConfig, BinaryAutoencoder
+from ..models.ae_layers import AutoencoderConfig
+from ..models.autoencoder import BinaryAutoencoder
 from . import data
 from .common import Log, adamw, lr_at, save_json, setup
 

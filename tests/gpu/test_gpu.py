@@ -5,11 +5,11 @@ import warnings
 import pytest
 import torch
 
-from bitdance_core.graphs import enable_graphs
-from bitdance_core.offload import apply_offload
-from bitdance_core.planner import ModelSizes, estimate_pipeline, measure_peak
-from bitdance_core.quant import Fp8Linear, scaled_mm_supported
-from bitdance_core.synthetic import build_random_t2i, custom_shape
+from bitdance_core.runtime.graphs import enable_graphs
+from bitdance_core.runtime.offload import apply_offload
+from bitdance_core.runtime.planner import ModelSizes, estimate_pipeline, measure_peak
+from bitdance_core.formats.fp8 import Fp8Linear, scaled_mm_supported
+from bitdance_core.cli.synthetic import build_random_t2i, custom_shape
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")

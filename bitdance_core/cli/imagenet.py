@@ -1,0 +1,32 @@
+"""`python -m bitdance_core imagenet ...`: class-conditional generation with a released ImageNet checkpoint."""
+from __future__ import annotations
+
+from .common import add_common, device_dtype, progress, save_outputs
+
+
+def cmd_imagenet(args):
+    from ..pipelines.imagenet import load_imagenet
+    from ..pipelines.images import to_uint8
+
+    dev, dtype = device_dtype(args)
+    pipe = load_imagenet(args.checkpoint, vae=args.vae, config=args.config, device=dev, dtype=dtype)
+    bits = pipe.generate(args.classes, steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule, seed=args.seed,
+                         callback=progress("steps"))
+    pixels = pipe.decode(bits, tile=args.decode_tile)
+    save_outputs(to_uint8(pixels).numpy(), bits, args)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("imagenet", help="ImageNet class-conditional generation (BitDance-B/L/H, 1x/4x/16x)")
+    p.add_argument("--checkpoint", required=True, help="BitDance_*.pt (or a .safetensors re-save of its state dict)")
+    p.add_argument("--vae", default=None, help="tokenizer file (ae_d16c32.pt); default: the vae.* weights in the checkpoint")
+    p.add_argument("--config", default=None, help="JSON with the model's constructor arguments (default: config.json "
+                   "beside the checkpoint if present, else read from the tensor shapes)")
+    p.add_argument("--classes", required=True, help="comma-separated class ids or ImageNet names, e.g. 3,7 or 'goldfish,207'")
+    p.add_argument("--steps", type=int, default=100, help="diffusion-head steps per token (official: 100)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's README value, e.g. 3.2 for B-1x)")
+    p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])
+    p.add_argument("--seed", type=int, default=0, help="means what torch.manual_seed(SEED) before the official model.sample means")
+    p.add_argument("--decode-tile", type=int, default=None, help="decode in tiles of this many pixels (approximate, less memory)")
+    add_common(p)
+    p.set_defaults(func=cmd_imagenet)

@@ -1,0 +1,238 @@
+"""Reading weights: strict, lazy, in the requested dtype, straight to the target device.
+
+Modules are built on the meta device (no memory), every expected key is checked against the
+file's header (name and shape) before a byte of weight is read, and tensors are then read one
+at a time from safetensors and assigned in place. `.pt` files are opened with
+`torch.load(weights_only=True)` only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import BitDanceError
+
+
+@dataclass
+class TensorSource:
+    """Where each key lives: a safetensors file (read lazily) or an in-memory tensor."""
+
+    files: dict[str, str] = field(default_factory=dict)  # key -> safetensors path
+    shapes: dict[str, tuple] = field(default_factory=dict)  # key -> shape
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> tensor (from .pt)
+    origin: str = ""  # what to name in error messages
+
+    def keys(self):
+        return self.shapes.keys()
+
+    def read(self, key: str, device, dtype) -> torch.Tensor:
+        """One tensor, read straight to `device` (safetensors maps the file), then cast there."""
+        if key in self.tensors:
+            t = self.tensors[key].to(device)
+        else:
+            path = self.files[key]
+            try:
+                t = self._handle(path, device).get_tensor(key)
+            except Exception as e:  # truncated data surfaces here
+                raise BitDanceError(f"{path}: cannot read tensor '{key}' ({e}); the file is damaged or incomplete, download it again") from e
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def _handle(self, path: str, device):
+        from safetensors import safe_open
+
+        handles = self.__dict__.setdefault("_handles", {})
+        key = (path, str(device))
+        if key not in handles:
+            handles[key] = safe_open(path, framework="pt", device=str(torch.device(device)))
+        return handles[key]
+
+    def close(self) -> None:
+        self.__dict__.pop("_handles", None)
+
+    def with_prefix_stripped(self, prefix: str) -> "TensorSource":
+        """The keys under `prefix`, renamed without it."""
+        out = TensorSource(origin=self.origin)
+        n = len(prefix)
+        for k in self.shapes:
+            if k.startswith(prefix):
+                out.shapes[k[n:]] = self.shapes[k]
+                if k in self.files:
+                    out.files[k[n:]] = self.files[k]
+                if k in self.tensors:
+                    out.tensors[k[n:]] = self.tensors[k]
+        return out
+
+
+def open_safetensors(paths: Iterable[str]) -> TensorSource:
+    """Index the headers of one or more safetensors files (no tensor data is read)."""
+    from safetensors import safe_open
+
+    src = TensorSource()
+    paths = list(paths)
+    src.origin = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
+    for path in paths:
+        if not os.path.isfile(path):
+            raise BitDanceError(f"missing file: {path}")
+        _check_size(path)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    src.files[k] = path
+                    src.shapes[k] = tuple(f.get_slice(k).get_shape())
+        except BitDanceError:
+            raise
+        except Exception as e:
+            raise BitDanceError(f"{path}: not a readable safetensors file ({e}); it is truncated or not safetensors, download it again") from e
+    return src
+
+
+def _check_size(path: str) -> None:
+    """A safetensors file must be exactly header + the data the header describes."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise BitDanceError(f"{path}: truncated safetensors file (no header)")
+        n = int.from_bytes(head, "little")
+        if n > os.path.getsize(path) - 8:
+            raise BitDanceError(f"{path}: truncated safetensors file: its header alone would be {n} bytes; download it again")
+        try:
+            header = json.loads(fh.read(n))
+        except Exception as e:
+            raise BitDanceError(f"{path}: truncated safetensors header ({e})") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + n + end
+    actual = os.path.getsize(path)
+    if actual < expected:
+        raise BitDanceError(f"{path}: truncated safetensors file: {actual} bytes, the header describes {expected}; download it again")
+
+
+def open_sharded(folder: str, stem: str = "model") -> TensorSource:
+    """`model.safetensors`, or the shards listed by `model.safetensors.index.json`."""
+    index = os.path.join(folder, f"{stem}.safetensors.index.json")
+    single = os.path.join(folder, f"{stem}.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        if not shards:
+            raise BitDanceError(f"{index}: empty weight_map")
+        return open_safetensors(os.path.join(folder, s) for s in shards)
+    if os.path.isfile(single):
+        return open_safetensors([single])
+    raise BitDanceError(f"{folder}: no {stem}.safetensors or {stem}.safetensors.index.json (the Qwen3 backbone weights)")
+
+
+def expected_shapes(module: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_keys(module: nn.Module, src: TensorSource, what: str, ignore: Iterable[str] = ()) -> None:
+    """Strict key and shape check against the file headers; names the first problems."""
+    want = expected_shapes(module)
+    ignore = set(ignore)
+    missing = [k for k in want if k not in src.shapes]
+    unexpected = [k for k in src.shapes if k not in want and k not in ignore]
+    wrong = [(k, src.shapes[k], want[k]) for k in want if k in src.shapes and tuple(src.shapes[k]) != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    for k, got, exp in wrong[:5]:
+        problems.append(f"key '{k}' has shape {list(got)}, expected {list(exp)}")
+    if problems:
+        raise BitDanceError(f"{src.origin}: does not match the {what} config: " + "; ".join(problems))
+
+
+def materialize(module: nn.Module, src: TensorSource, what: str, device, dtype, ignore: Iterable[str] = (),
+                keep_fp32: Callable[[str], bool] | None = None) -> nn.Module:
+    """Check strictly, then read each tensor and assign it in place of the meta tensor."""
+    check_keys(module, src, what, ignore)
+    for name, _ in list(module.state_dict().items()):
+        want_dtype = torch.float32 if keep_fp32 is not None and keep_fp32(name) else dtype
+        tensor = src.read(name, device, want_dtype)
+        assign(module, name, tensor)
+    src.close()
+    return module.eval()
+
+
+def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    owner = module
+    for p in path:
+        owner = getattr(owner, p)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise BitDanceError(f"missing file: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise BitDanceError(f"{path}: not valid JSON ({e})") from e
+
+
+# ---- .pt checkpoints (ImageNet release) -------------------------------------------------------
+
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _torch_load(path: str, mmap: bool):
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _refused(path: str, e: Exception) -> BitDanceError:
+    """Name what the pickle asked for (e.g. 'GLOBAL io.open'), without torch's advice to load unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: (GLOBAL [\w.]+)|Unsupported operand[^\n.]*|(unpickling[^\n]*)", text, re.I)
+    what = found.group(0) if found else text.strip().split("\n")[0][:200]
+    return BitDanceError(
+        f"{path}: refused to open: the pickle asks for something other than tensors and plain data ({what}), and "
+        "running it could execute arbitrary code. Only weights are loaded (torch.load weights_only=True); use the "
+        "official file, or re-save the checkpoint as a plain state dict or as safetensors")
+
+
+def load_pt(path: str) -> dict:
+    """Open a torch pickle without running code: weights_only=True plus a small allow-list."""
+    if not os.path.isfile(path):
+        raise BitDanceError(f"missing file: {path}")
+    try:
+        try:
+            obj = _torch_load(path, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            obj = _torch_load(path, mmap=False)  # the legacy (non-zip) format cannot be memory-mapped
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) or "weights only" in str(e).lower():
+            raise _refused(path, e) from e
+        raise BitDanceError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:300]}); "
+                            "it is damaged or not a torch file, download it again") from e
+    if not isinstance(obj, Mapping):
+        raise BitDanceError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return dict(obj)
+
+
+def source_from_state_dict(sd: Mapping[str, torch.Tensor], origin: str) -> TensorSource:
+    src = TensorSource(origin=origin)
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            src.tensors[k] = v
+            src.shapes[k] = tuple(v.shape)
+    return src

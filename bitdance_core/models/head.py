@@ -1,0 +1,216 @@
+"""The diffusion heads: per-token flow models that turn a backbone hidden state into 32 bits.
+
+`TransformerHead` is the head of the text-to-image models and of the parallel ImageNet models
+(attention across the P tokens of a block); `MlpHead` is the head of the 1x ImageNet models.
+Key names follow the released files (`net.*`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import flash_attention
+from ..errors import BitDanceError
+
+
+@dataclass
+class HeadConfig:
+    ch_target: int = 32
+    ch_cond: int = 5120
+    ch_latent: int = 5120
+    depth_latent: int = 6
+    depth_adanln: int = 2
+    use_swiglu: bool = True
+    parallel_num: int = 64
+    time_shift: float = 1.0
+    # Training-only options of the released config (kept so configs round-trip).
+    grad_checkpointing: bool = False
+    time_schedule: str = "logit_normal"
+    P_mean: float = 0.0
+    P_std: float = 1.0
+    diff_batch_mul: int = 1
+    # Not in the T2I config file: the family decides them.
+    kind: str = "transformer"  # "transformer" or "mlp"
+    head_dim: int = 128  # T2I: 128; ImageNet parallel: 64
+    sigmoid_output: bool = True  # T2I returns 2*sigmoid(out)-1; ImageNet returns the raw output
+
+    _JSON_KEYS = ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln", "use_swiglu", "parallel_num",
+                  "time_shift", "grad_checkpointing", "time_schedule", "P_mean", "P_std", "diff_batch_mul")
+
+    @classmethod
+    def from_json(cls, cfg: dict, origin: str = "vision_head_config.json") -> "HeadConfig":
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}  # diffusers adds _class_name etc.
+        unknown = set(cfg) - set(cls._JSON_KEYS)
+        if unknown:
+            raise BitDanceError(f"{origin}: unknown config key(s) {sorted(unknown)}; allowed: {list(cls._JSON_KEYS)}")
+        for k in ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln"):
+            if k not in cfg:
+                raise BitDanceError(f"{origin}: missing required key '{k}'")
+        out = cls(**{k: cfg[k] for k in cfg})
+        if "parallel_num" not in cfg:
+            out.parallel_num = 4  # the DiffHead default
+        if "use_swiglu" not in cfg:
+            out.use_swiglu = False
+        out.validate(origin)
+        return out
+
+    def validate(self, origin: str = "head config") -> None:
+        if self.depth_adanln < 1 or self.depth_latent % max(1, self.depth_latent // self.depth_adanln):
+            raise BitDanceError(f"{origin}: depth_latent {self.depth_latent} must be divisible into depth_adanln {self.depth_adanln} groups")
+        if self.kind == "transformer" and self.ch_latent % self.head_dim:
+            raise BitDanceError(f"{origin}: ch_latent {self.ch_latent} must be a multiple of the head size {self.head_dim}")
+        side = int(round(math.sqrt(self.parallel_num)))
+        if side * side != self.parallel_num:
+            raise BitDanceError(f"{origin}: parallel_num {self.parallel_num} must be a square (4, 16, 64)")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """cos first, then sin, of 1000*t times geometric frequencies (as upstream)."""
+    half = dim // 2
+    t = 1000.0 * t.float()
+    freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.freq_dim = freq_dim
+
+    def forward(self, t):
+        emb = timestep_embedding(t, self.freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(channels, eps=1e-6, elementwise_affine=False)
+        self.ada_ln_modulation = nn.Linear(channels, channels * 2)
+        self.linear = nn.Linear(channels, out_channels)
+
+    def forward(self, x, y):
+        scale, shift = self.ada_ln_modulation(y).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1.0 + scale) + shift)
+
+
+class BlockAttention(nn.Module):
+    """Plain softmax attention across the tokens of one block (no positions, not causal)."""
+
+    def __init__(self, dim: int, head_dim: int):
+        super().__init__()
+        self.n_head, self.head_dim, self.dim = dim // head_dim, head_dim, dim
+        self.scale = head_dim ** -0.5
+        self.wqkv = nn.Linear(dim, 3 * dim)
+        self.wo = nn.Linear(dim, dim)
+        self.fused = False  # T2I with more than 32 tokens: upstream calls flash-attn (we use SDPA or flash)
+        self.flash = None
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.n_head, self.head_dim) for t in self.wqkv(x).chunk(3, dim=-1))
+        if self.fused and n > 32:
+            if self.flash is not None:
+                out = self.flash(q, k, v, causal=False)
+            else:
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            attn = F.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
+            out = (attn @ v).transpose(1, 2)
+        return self.wo(out.contiguous().view(b, n, self.dim))
+
+
+class TransBlock(nn.Module):
+    def __init__(self, channels: int, head_dim: int, use_swiglu: bool):
+        super().__init__()
+        hidden = int(channels * 1.5)
+        self.norm1 = nn.LayerNorm(channels, eps=1e-6)
+        self.attn = BlockAttention(channels, head_dim)
+        self.norm2 = nn.LayerNorm(channels, eps=1e-6)
+        self.use_swiglu = use_swiglu
+        if use_swiglu:
+            self.w1 = nn.Linear(channels, hidden * 2)
+            self.w2 = nn.Linear(hidden, channels)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
+
+    def forward(self, x, scale1, shift1, gate1, scale2, shift2, gate2):
+        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1) * gate1
+        h = self.norm2(x) * (1 + scale2) + shift2
+        if self.use_swiglu:
+            a, b = self.w1(h).chunk(2, dim=-1)
+            h = self.w2(F.silu(a) * b)
+        else:
+            h = self.mlp(h)
+        return x + h * gate2
+
+
+class MlpBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        hidden = int(channels * 1.5)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.w1 = nn.Linear(channels, hidden * 2)
+        self.w2 = nn.Linear(hidden, channels)
+
+    def forward(self, x, scale, shift, gate):
+        a, b = self.w1(self.norm(x) * (1 + scale) + shift).chunk(2, dim=-1)
+        return x + self.w2(F.silu(a) * b) * gate
+
+
+class HeadNet(nn.Module):
+    """x (noisy bits), t (per row), c (backbone hidden state) -> predicted clean bits."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        C = cfg.ch_latent
+        self.cfg = cfg
+        self.time_embed = TimestepEmbedder(C)
+        self.cond_embed = nn.Linear(cfg.ch_cond, C)
+        self.input_proj = nn.Linear(cfg.ch_target, C)
+        n_mod = 6 if cfg.kind == "transformer" else 3
+        if cfg.kind == "transformer":
+            self.res_blocks = nn.ModuleList([TransBlock(C, cfg.head_dim, cfg.use_swiglu) for _ in range(cfg.depth_latent)])
+        else:
+            self.res_blocks = nn.ModuleList([MlpBlock(C) for _ in range(cfg.depth_latent)])
+        self.ada_ln_blocks = nn.ModuleList([nn.Linear(C, C * n_mod) for _ in range(cfg.depth_adanln)])
+        self.switch = max(1, cfg.depth_latent // cfg.depth_adanln)
+        self.final_layer = FinalLayer(C, cfg.ch_target)
+
+    def forward(self, x, t, c):
+        dtype = self.input_proj.weight.dtype
+        x = self.input_proj(x.to(dtype))
+        temb = self.time_embed(t)
+        if x.dim() == 3:
+            temb = temb.unsqueeze(1)
+        y = F.silu(temb + self.cond_embed(c.to(dtype)))
+        for i, block in enumerate(self.res_blocks):
+            if i % self.switch == 0:
+                mods = self.ada_ln_blocks[i // self.switch](y).chunk(6 if self.cfg.kind == "transformer" else 3, dim=-1)
+            x = block(x, *mods)
+        out = self.final_layer(x, y)
+        return 2 * torch.sigmoid(out) - 1 if self.cfg.sigmoid_output else out
+
+
+class DiffusionHead(nn.Module):
+    """Holds `net` so the state-dict keys read `net.*` as in the released files."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.config = cfg
+        self.net = HeadNet(cfg)
+
+    def set_attention(self, attention: str) -> None:
+        """'sdpa' or 'flash' for blocks over 32 tokens (the T2I 64x head), as upstream does."""
+        flash = flash_attention(attention)
+        for m in self.modules():
+            if isinstance(m, BlockAttention):
+                m.fused = self.config.sigmoid_output  # ImageNet heads always use the explicit softmax
+                m.flash = flash

@@ -1,0 +1,123 @@
+"""Euler–Maruyama (and plain Euler) sampling of the diffusion head, with classifier-free guidance.
+
+The arithmetic and the order of random draws mirror the official `sampling_x.py` exactly, with the
+noise taken from an explicit `torch.Generator` instead of the global one:
+per call, one `randn([rows, ..., 32])` for x0, then one per step; the final Euler step draws none.
+With guidance > 1 the condition batch is [cond; uncond] and both halves share x.
+
+`predraw_noise` makes those draws up front, in the same order and shapes (so the same numbers), and
+a sampler given `noise=` takes them from there instead of the generator: that is how a CUDA graph
+of the whole loop (runtime/graphs.py) runs without drawing random numbers inside the graph.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _time_grid(steps: int, last_step_size: float, time_shift: float, device) -> torch.Tensor:
+    t_all = torch.linspace(0, 1 - last_step_size, steps + 1, device=device, dtype=torch.float32)
+    # time_shift_func, applied even for shift 1 (it can move a value by one ulp, as upstream)
+    return (1 / time_shift) / ((1 / time_shift) + (1 / t_all - 1) ** 1.0)
+
+
+def _velocity(net: NetFn, x: torch.Tensor, mult: int, t_batch: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    combined = torch.cat([x] * mult, dim=0)
+    out = net(combined, t_batch, cond)
+    shape = (-1,) + (1,) * (out.dim() - 1)
+    return ((out - combined) / (1 - t_batch.view(shape)).clamp_min(0.05)).to(torch.float32)
+
+
+def _guide(v: torch.Tensor, cfg: float, mult: int) -> torch.Tensor:
+    if mult == 2:
+        v_c, v_u = torch.chunk(v, 2, dim=0)
+        v = v_u + cfg * (v_c - v_u)
+    return v
+
+
+def x_shape_of(cond: torch.Tensor, cfg: float, x_dim: int) -> list[int]:
+    """The shape of x (one row per image: the guidance halves share it)."""
+    shape = list(cond.shape)
+    shape[0] //= 2 if cfg > 1.0 else 1
+    shape[-1] = x_dim
+    return shape
+
+
+def noise_draws(sampler: str, steps: int) -> int:
+    """How many randn(x_shape) calls one sampler call makes."""
+    return 1 + steps if sampler == "euler_maruyama" else 1
+
+
+def predraw_noise(sampler: str, cond: torch.Tensor, cfg: float, steps: int, generator, x_dim: int = 32) -> torch.Tensor:
+    """[draws, *x_shape]: the sampler's draws, made one by one as it would make them."""
+    shape = x_shape_of(cond, cfg, x_dim)
+    return torch.stack([torch.randn(shape, generator=generator, device=cond.device, dtype=torch.float32)
+                        for _ in range(noise_draws(sampler, steps))])
+
+
+class _Draws:
+    """The sampler's source of noise: the generator, or a pre-drawn tensor read in order."""
+
+    def __init__(self, generator, device, noise: torch.Tensor | None):
+        self.generator, self.device, self.noise, self.i = generator, device, noise, 0
+
+    def __call__(self, shape) -> torch.Tensor:
+        if self.noise is None:
+            return torch.randn(shape, generator=self.generator, device=self.device, dtype=torch.float32)
+        out = self.noise[self.i]
+        self.i += 1
+        return out
+
+
+def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, generator: torch.Generator | None,
+                   x_dim: int = 32, time_shift: float = 1.0, last_step_size: float = 0.05,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns cat([x] * mult): the sampled bits (before sign) for every row of `cond`.
+    noise: `predraw_noise(...)`, used instead of drawing from `generator`."""
+    mult = 2 if cfg > 1.0 else 1
+    device = cond.device
+    draw = _Draws(generator, device, noise)
+    x = draw(x_shape_of(cond, cfg, x_dim))
+    t_all = _time_grid(steps, last_step_size, time_shift, device)
+    dt = t_all[1:] - t_all[:-1]
+    t = torch.zeros((), device=device, dtype=torch.float32)  # not torch.tensor(0.0): no host copy (CUDA graphs)
+    t_batch = torch.zeros(cond.shape[0], device=device, dtype=torch.float32)
+    for i in range(steps):
+        t_batch[:] = t
+        v = _guide(_velocity(net, x, mult, t_batch, cond), cfg, mult)
+        # score and drift of the reverse SDE, written as upstream writes them (bit-exact)
+        alpha_ratio = t / 1
+        var = (1 - t) ** 2 - alpha_ratio * -1 * (1 - t)
+        score = (alpha_ratio * v - x) / var
+        drift = v + (1 - t) * score
+        noise_scale = (2.0 * (1.0 - t) * dt[i]) ** 0.5
+        x = x + drift * dt[i] + noise_scale * draw(x.shape)
+        t += dt[i]
+    t_batch[:] = 1 - last_step_size
+    v = _guide(_velocity(net, x, mult, t_batch, cond), cfg, mult)
+    x = x + v * last_step_size
+    return torch.cat([x] * mult, dim=0)
+
+
+def euler(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, generator: torch.Generator | None,
+          x_dim: int = 32, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic Euler on the velocity (upstream's `euler`): one draw, for x0."""
+    mult = 2 if cfg > 1.0 else 1
+    device = cond.device
+    x = _Draws(generator, device, noise)(x_shape_of(cond, cfg, x_dim))
+    dt = 1.0 / steps
+    t = 0.0
+    t_batch = torch.zeros(cond.shape[0], device=device, dtype=torch.float32)
+    for _ in range(steps):
+        t_batch[:] = t
+        combined = torch.cat([x] * mult, dim=0)
+        v = _guide(net(combined, t_batch, cond).to(torch.float32), cfg, mult)
+        x = x + v * dt
+        t += dt
+    return torch.cat([x] * mult, dim=0)
+
+
+SAMPLERS = {"euler_maruyama": euler_maruyama, "euler": euler}

@@ -1,0 +1,75 @@
+"""The 1000 ImageNet class names in index order, and parsing of class lists ("3,7", "goldfish", [3, 7]).
+
+Data: data/imagenet_classes.txt (see data/README.md for how it was made).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+from ..errors import BitDanceError
+
+_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "imagenet_classes.txt")
+
+
+@functools.lru_cache(maxsize=1)
+def _names() -> tuple[str, ...]:
+    with open(_FILE, encoding="utf-8") as f:
+        names = tuple(line.rstrip("\n") for line in f if line.strip())
+    if len(names) != 1000:
+        raise BitDanceError(f"{_FILE}: expected 1000 ImageNet class names, found {len(names)}")
+    return names
+
+
+def imagenet_class_names() -> list[str]:
+    """['tench', 'goldfish', ..., 'toilet tissue']: index i is ImageNet class i."""
+    return list(_names())
+
+
+@functools.lru_cache(maxsize=1)
+def _index() -> dict[str, int]:
+    return {n.lower(): i for i, n in enumerate(_names())}
+
+
+def class_index(name: str) -> int:
+    """The id of an ImageNet class name (case-insensitive), e.g. 'golden retriever' -> 207."""
+    key = " ".join(str(name).strip().lower().split())
+    if key in _index():
+        return _index()[key]
+    words = key.split()
+    close = ([n for n in _names() if words and all(w in n.lower() for w in words)]
+             or [n for n in _names() if any(len(w) > 3 and w in n.lower() for w in words)])[:5]
+    hint = f"; did you mean {close}?" if close else ""
+    raise BitDanceError(f"'{name}' is not an ImageNet class name{hint} (or give the class id 0-999)")
+
+
+def parse_classes(classes: Sequence[int | str] | int | str, num_classes: int = 1000, allow_null: bool = False) -> list[int]:
+    """Class ids from ids, digit strings, ImageNet names, or one comma-separated string of those.
+    With allow_null, id == num_classes (the unconditional "null" class) is accepted."""
+    if isinstance(classes, str):
+        items = [c for c in classes.split(",") if c.strip()]
+    elif isinstance(classes, int):
+        items = [classes]
+    else:
+        items = list(classes)
+    if not items:
+        raise BitDanceError("no class given: pass class ids such as 3,7 (or ImageNet names)")
+    top = num_classes if allow_null else num_classes - 1
+    out = []
+    for c in items:
+        if isinstance(c, bool):
+            raise BitDanceError(f"class {c!r} is not a class id")
+        if isinstance(c, str) and c.strip().lstrip("-").isdigit():
+            c = int(c.strip())
+        if isinstance(c, str):
+            if num_classes != 1000:
+                raise BitDanceError(f"class '{c}': this model has {num_classes} classes, not ImageNet's 1000; give ids 0-{num_classes - 1}")
+            c = class_index(c)
+        if not isinstance(c, int) and hasattr(c, "__index__"):
+            c = int(c)
+        if not isinstance(c, int) or not 0 <= c <= top:
+            raise BitDanceError(f"class {c!r} is out of range: this model has classes 0-{num_classes - 1}"
+                                + (f" (and {num_classes} = unconditional)" if allow_null else ""))
+        out.append(c)
+    return out

@@ -1,0 +1,169 @@
+"""The text-to-image pipeline: prompt -> bits, block by block.
+
+Both guidance branches run in ONE batched forward: rows [cond x B; uncond x B], prompts left-padded
+to a common length, each row with its own RoPE positions and key mask. The KV cache is allocated
+once; the backbone pass after the last block is skipped (its output would be unused).
+Loading a model folder into a pipeline is t2i_loading.py.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+
+from ..errors import BitDanceError, require
+from ..models.autoencoder import BinaryAutoencoder
+from ..models.head import DiffusionHead
+from ..models.positions import blocks_to_raster, sincos_2d_blocks
+from ..models.projector import Projector
+from ..models.qwen3 import KVCache, Qwen3Backbone
+from ..models.sampler import SAMPLERS
+from .prompts import PromptCodec, PromptTokens
+
+# The official [height, width] list (modeling/t2i_pipeline.py): the presets.
+OFFICIAL_SIZES = [
+    (2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024), (896, 1152), (768, 1280),
+    (640, 1536), (512, 1920), (512, 2048),
+    (1024, 256), (896, 256), (640, 384), (512, 512), (384, 640), (256, 896), (256, 1024),
+]
+
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+class T2IPipeline:
+    def __init__(self, backbone: Qwen3Backbone, head: DiffusionHead, projector: Projector,
+                 autoencoder: BinaryAutoencoder, codec: PromptCodec, device, name: str = ""):
+        self.backbone, self.head, self.projector, self.autoencoder, self.codec = backbone, head, projector, autoencoder, codec
+        self.device = torch.device(device)
+        self.name = name
+        self.parallel_num = head.config.parallel_num
+        self.block_side = int(round(math.sqrt(self.parallel_num)))
+        self.latent_channels = autoencoder.config.z_channels
+        self.downsample = autoencoder.downsample
+        self.samplers = dict(SAMPLERS)  # per pipeline, so accelerations (runtime/graphs.py) can wrap them
+
+    @property
+    def block_pixels(self) -> int:
+        return self.block_side * self.downsample
+
+    @property
+    def supported_sizes(self) -> list[tuple[int, int]]:
+        return [s for s in OFFICIAL_SIZES if s[0] % self.block_pixels == 0 and s[1] % self.block_pixels == 0]
+
+    def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptTokens:
+        return self.codec.encode_prompt(prompt, negative_prompt)
+
+    def check_size(self, height: int, width: int) -> None:
+        bp = self.block_pixels
+        for v, what in ((height, "height"), (width, "width")):
+            if not isinstance(v, int) or v <= 0 or v % bp:
+                raise BitDanceError(f"{what} {v} is not supported: it must be a positive multiple of {bp} px for this "
+                                    f"{self.parallel_num}-token-per-step model (e.g. {', '.join(f'{h}x{w}' for h, w in self.supported_sizes[:4])})")
+        self.codec.image_prefix(height // self.downsample, width // self.downsample, self.parallel_num)
+        if (height, width) not in OFFICIAL_SIZES:
+            warnings.warn(f"{height}x{width} is not one of the official BitDance sizes; it runs, but quality is not guaranteed")
+
+    @torch.no_grad()
+    def generate(self, prompt: PromptTokens | str, height: int = 1024, width: int = 1024, steps: int = 50,
+                 cfg: float = 7.5, num_images: int = 1, seed: int = 0, negative_prompt: str | None = None,
+                 sampler: str = "euler_maruyama", callback: Callback | None = None,
+                 batched_cfg: bool = True) -> torch.Tensor:
+        """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32)."""
+        if isinstance(prompt, str):
+            prompt = self.encode_prompt(prompt, negative_prompt)
+        require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
+        require(isinstance(cfg, (int, float)) and cfg >= 0, f"cfg (guidance scale) must be >= 0, got {cfg}")
+        require(isinstance(num_images, int) and num_images >= 1, f"num_images must be an integer >= 1, got {num_images}")
+        require(sampler in self.samplers, f"sampler '{sampler}' unknown; choose one of {sorted(self.samplers)}")
+        self.check_size(height, width)
+
+        dev, P, B = self.device, self.parallel_num, num_images
+        lat_h, lat_w = height // self.downsample, width // self.downsample
+        n_blocks = lat_h * lat_w // P
+        guided = cfg > 1.0
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+
+        prefix = self.codec.image_prefix(lat_h, lat_w, P)
+        branches = [list(prompt.cond_ids) + prefix] + ([list(prompt.uncond_ids) + prefix] if guided else [])
+        rows = [seq for seq in branches for _ in range(B)]
+        # Batched guidance: one backbone pass over [cond; uncond]. Otherwise (the official way,
+        # kept as the benchmark baseline) one pass per branch.
+        groups = [rows] if batched_cfg else [rows[i:i + B] for i in range(0, len(rows), B)]
+        runs = [BackboneRun(self.backbone, g, P, n_blocks, dev) for g in groups]
+        hidden = torch.cat([r.prefill() for r in runs])
+
+        pos_table = sincos_2d_blocks(self.backbone.config.hidden_size, lat_h, lat_w, self.block_side).to(dev)
+        sample = self.samplers[sampler]
+        extra = {"time_shift": self.head.config.time_shift} if sampler == "euler_maruyama" else {}
+        out_blocks = []
+        for s in range(n_blocks):
+            pe = pos_table[s * P:(s + 1) * P]
+            pred = sample(self.head.net, hidden.to(torch.float32) + pe, cfg, steps, gen, x_dim=self.latent_channels, **extra)
+            bits = torch.sign(pred)
+            out_blocks.append(bits[:B])
+            if callback is not None:
+                callback(s, n_blocks, self._partial(out_blocks, lat_h, lat_w))
+            if s == n_blocks - 1:
+                break  # the backbone pass after the last block would be unused
+            inp = self.projector(bits).to(torch.float32) + pe
+            hidden, i = [], 0
+            for r in runs:
+                hidden.append(r.step(inp[i:i + r.rows]))
+                i += r.rows
+            hidden = torch.cat(hidden)
+        tokens = torch.cat(out_blocks, dim=1)
+        return blocks_to_raster(tokens, lat_h, lat_w, self.block_side).float()
+
+    def _partial(self, blocks, lat_h, lat_w) -> torch.Tensor:
+        done = torch.cat(blocks, dim=1)
+        full = torch.zeros(done.shape[0], lat_h * lat_w, done.shape[2], dtype=torch.float32, device=done.device)
+        full[:, :done.shape[1]] = done
+        return blocks_to_raster(full, lat_h, lat_w, self.block_side)
+
+    @torch.no_grad()
+    def decode(self, bits: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(bits.to(self.device))
+
+
+class BackboneRun:
+    """The backbone state of a group of rows: one KV cache, per-row left padding and positions."""
+
+    def __init__(self, backbone: Qwen3Backbone, rows: list[list[int]], P: int, n_blocks: int, dev):
+        self.backbone, self.P, self.rows = backbone, P, len(rows)
+        pads = [max(map(len, rows)) - len(r) for r in rows]
+        self.L = L = len(rows[0]) + pads[0]  # common prefix length
+        self.padded = any(pads)
+        self.cache = KVCache(backbone.config, len(rows), L + (n_blocks - 1) * P, backbone.dtype, dev)
+        pad_t = torch.tensor(pads, device=dev)
+        ar = torch.arange(L, device=dev)
+        self.valid = ar[None, :] >= pad_t[:, None]  # [rows, L] real (non-padding) cache slots
+        self.ids = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], device=dev)
+        self.pos = (ar[None, :] - pad_t[:, None]).clamp_min(0)
+        self.next_pos = self.pos[:, -1:] + 1  # per row: the RoPE position of the next image token
+        self.filled = L
+
+    def prefill(self) -> torch.Tensor:
+        """Causal over the prompt, vision_start and res_h; the last P tokens (res_w and the queries)
+        form block 0: bidirectional among themselves, seeing the whole prefix. Returns its hidden."""
+        L, P, dev = self.L, self.P, self.ids.device
+        ar = torch.arange(L, device=dev)
+        causal = ar[:, None] >= ar[None, :]
+        causal[L - P:, L - P:] = True
+        mask = causal[None] & self.valid[:, None, :]
+        mask |= torch.eye(L, dtype=torch.bool, device=dev)[None]  # padding rows see themselves (finite, unused)
+        return self.backbone(self.backbone.embed(self.ids), self.pos, self.cache, 0, mask[:, None])[:, -P:]
+
+    def step(self, inp: torch.Tensor) -> torch.Tensor:
+        """One block of P image tokens: sees the whole cache and itself."""
+        P, start = self.P, self.filled
+        mask = True
+        if self.padded:
+            ones = torch.ones(self.rows, start - self.L + P, dtype=torch.bool, device=inp.device)
+            mask = torch.cat([self.valid, ones], dim=1)[:, None, None, :]
+        pos = self.next_pos + torch.arange(P, device=inp.device)[None]
+        hidden = self.backbone(inp, pos, self.cache, start, mask)
+        self.next_pos = self.next_pos + P
+        self.filled += P
+        return hidden

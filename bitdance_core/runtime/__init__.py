@@ -1,0 +1,11 @@
+"""Memory and speed around a loaded pipeline: the memory planner and what fits (planner.py, fitting.py),
+offload (stage, stream) with page-locked host copies (offload.py, host_memory.py), CUDA graphs and
+torch.compile (graphs.py). Imports pipelines and below.
+
+What the ComfyUI nodes and the command line use is re-exported here.
+"""
+from .fitting import OFFLOAD_CHOICES, WEIGHTS_CHOICES, GenerationCheck, LoadDecision, check_generation, load_planned, plan_for
+from .graphs import enable_compile, enable_graphs
+
+__all__ = ["GenerationCheck", "LoadDecision", "OFFLOAD_CHOICES", "WEIGHTS_CHOICES", "check_generation", "enable_compile",
+           "enable_graphs", "load_planned", "plan_for"]
