@@ -2,12 +2,15 @@
 
 Self-contained (torch, safetensors, tokenizers); never imports ComfyUI.
 """
-from .autoencoder import BinaryAutoencoder, find_autoencoder_files, load_autoencoder as load_tokenizer
+from .autoencoder import BinaryAutoencoder, find_autoencoder_files
 from .errors import BitDanceError, OutOfDeviceMemory
 from .imagenet_classes import class_index, imagenet_class_names, parse_classes
 from .prompts import PromptTokens
 from .images import from_unit_hwc, to_uint8, to_unit_hwc
 from .t2i import OFFICIAL_SIZES, T2IInfo, T2IPipeline, describe_t2i, load_t2i
+from .tokenizers import find_tokenizer_files, load_tokenizer
+from .uniwetok import UniWeTok
+from .uniwetok_loading import find_uniwetok_files
 
 
 def load_imagenet(*args, **kwargs):
@@ -16,6 +19,7 @@ def load_imagenet(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["BinaryAutoencoder", "BitDanceError", "OFFICIAL_SIZES", "OutOfDeviceMemory", "PromptTokens", "T2IInfo", "T2IPipeline", "class_index",
-           "describe_t2i", "find_autoencoder_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet",
-           "load_t2i", "load_tokenizer", "parse_classes", "to_uint8", "to_unit_hwc"]
+__all__ = ["BinaryAutoencoder", "BitDanceError", "class_index", "describe_t2i", "find_autoencoder_files",
+           "find_tokenizer_files", "find_uniwetok_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet",
+           "load_t2i", "load_tokenizer", "OFFICIAL_SIZES", "OutOfDeviceMemory", "parse_classes", "PromptTokens",
+           "T2IInfo", "T2IPipeline", "to_uint8", "to_unit_hwc", "UniWeTok"]

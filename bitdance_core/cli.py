@@ -85,16 +85,17 @@ def cmd_t2i(args):
 
 
 def cmd_tokenizer(args):
-    from .autoencoder import load_autoencoder
+    from .tokenizers import load_tokenizer
 
     dev, dtype = _device_dtype(args)
-    ae = load_autoencoder(args.model, device=dev, dtype=dtype)
+    ae = load_tokenizer(args.model, device=dev, dtype=dtype)
     if args.action == "encode":
         img = _load_npy(args.image_npy, "image", ndim=4)
         bits = ae.encode(torch.from_numpy(img).to(dev))
         np.save(args.bits_npy, bits.float().cpu().numpy())
     else:
         bits = _load_npy(args.bits_npy, "bits", ndim=4)
+        # on the CPU this draws what torch.manual_seed(seed) right before the official decode draws
         gen = torch.Generator(device=dev).manual_seed(args.seed)
         out = ae.decode(torch.from_numpy(bits).to(dev), generator=gen, chunk=args.chunk, tile=args.tile)
         np.save(args.pixels_npy, out.float().cpu().numpy())
@@ -135,11 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenizer", help="binary tokenizer encode / decode")
     p.add_argument("action", choices=["encode", "decode"])
-    p.add_argument("--model", required=True, help="folder with ae_config.json + ae.safetensors, or an ae_*.safetensors")
+    p.add_argument("--model", required=True, help="folder with ae_config.json + ae.safetensors, an ae_*.safetensors / "
+                                                 "ae_*.pt, or a UniWeTok .pt (its ddconfig in <stem>_config.json or "
+                                                 "config.json beside it, else read from the shapes)")
     p.add_argument("--image-npy", default=None)
     p.add_argument("--bits-npy", default=None)
     p.add_argument("--pixels-npy", default=None)
-    p.add_argument("--seed", type=int, default=0, help="noise seed of GAN decoders")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of GAN decoders (d32 tokenizers, UniWeTok): "
+                                                         "on the CPU the same as torch.manual_seed(SEED) before the official decode")
     p.add_argument("--chunk", type=int, default=None, help="decode this many images at a time")
     p.add_argument("--tile", type=int, default=None, help="decode in tiles of about this many pixels a side (less memory)")
     _add_common(p, out=False)

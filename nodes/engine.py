@@ -10,6 +10,8 @@ from ..bitdance_core import demo_models as _demo
 from ..bitdance_core import fitting as _fitting
 from ..bitdance_core import graphs as _graphs
 from ..bitdance_core.t2i import ModelFiles
+from ..bitdance_core.uniwetok_loading import CHECKPOINT_EXTS as UNIWETOK_EXTS  # noqa: F401
+from ..bitdance_core.uniwetok_loading import is_uniwetok_checkpoint  # noqa: F401  (cheap: reads key names only)
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
 # text-to-image model folder and the class-conditional checkpoint (they may not be there yet)
