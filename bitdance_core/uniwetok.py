@@ -70,8 +70,9 @@ class UniWeTokConfig:
         require(self.n_heads >= 1 and self.width % self.n_heads == 0,
                 f"{origin}: n_heads {self.n_heads} does not divide the attention width {self.width}")
         require(self.width // self.n_heads % 4 == 0,
-                f"{origin}: head width {self.width}/{self.n_heads} = {self.width // self.n_heads} must be a multiple "
-                "of 4 (the 2D RoPE rotates half of each head's pairs by x and half by y)")
+                f"{origin}: the head width (attention width / n_heads) {self.width}/{self.n_heads} = "
+                f"{self.width // self.n_heads} must be a multiple of 4 (the 2D RoPE turns half of each head's pairs "
+                "with x and half with y)")
         return self
 
     def decoder_config(self) -> AutoencoderConfig:

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import pickletools
 import warnings
@@ -175,7 +176,8 @@ def _indices(shapes, prefix: str) -> list[int]:
     return sorted({int(k.split(".")[n]) for k in shapes if k.startswith(prefix) and k.split(".")[n].isdigit()})
 
 
-def config_from_shapes(shapes: Mapping[str, tuple], origin: str, n_heads: int = DEFAULT_N_HEADS) -> UniWeTokConfig:
+def config_from_shapes(shapes: Mapping[str, tuple], origin: str, n_heads: int = DEFAULT_N_HEADS,
+                       check: bool = True) -> UniWeTokConfig:
     """The ddconfig a UniWeTok state dict was built with, from its shapes (n_heads given: no shape shows it)."""
     def get(key):
         if key not in shapes:
@@ -193,7 +195,7 @@ def config_from_shapes(shapes: Mapping[str, tuple], origin: str, n_heads: int = 
                          z_channels=get("encoder.conv_out.weight")[0], in_channels=in_ch,
                          out_ch=get("decoder.conv_out.weight")[0],
                          attn_blocks=len(_indices(shapes, "encoder.mid_attn_blocks.")), n_heads=n_heads)
-    return cfg.check(origin)
+    return cfg.check(origin) if check else cfg
 
 
 def read_config(weights: str, shapes: Mapping[str, tuple]) -> tuple[UniWeTokConfig, str]:
@@ -203,14 +205,19 @@ def read_config(weights: str, shapes: Mapping[str, tuple]) -> tuple[UniWeTokConf
         cfg, heads_given = config_from_json(read_json(cfg_path), cfg_path)
         origin = cfg_path
     else:
-        cfg, heads_given = config_from_shapes(shapes, weights), False
+        cfg, heads_given = config_from_shapes(shapes, weights, check=False), False
         origin = "the tensor shapes"
-    if not heads_given and cfg.attn_blocks > 0:
-        stem = os.path.splitext(os.path.basename(weights))[0]
-        warnings.warn(f"{weights}: UniWeTok architecture from {origin}; n_heads is not given there (no tensor shape "
-                      f"shows it), so it is the official default {DEFAULT_N_HEADS}. It changes the result: if the "
-                      f"model was trained with another head count, give it in {stem}_config.json beside the "
-                      f"checkpoint ({{\"ddconfig\": {{..., \"n_heads\": N}}}})")
+    if heads_given or cfg.attn_blocks == 0:
+        return cfg.check(origin), origin
+    config_file = os.path.splitext(weights)[0] + "_config.json"
+    advice = (f"n_heads is not given there (no tensor shape shows it), so it is the official default "
+              f"{DEFAULT_N_HEADS}; it changes the result. If the model has another head count, put its ddconfig in "
+              f"{config_file}: {json.dumps(cfg.to_json())} with n_heads set")
+    try:
+        cfg.check(weights)
+    except BitDanceError as e:
+        raise BitDanceError(f"{e}. The architecture comes from {origin}: {advice}") from e
+    warnings.warn(f"{weights}: UniWeTok architecture from {origin}; {advice}")
     return cfg, origin
 
 
