@@ -161,9 +161,10 @@ def config_from_json(cfg: dict, origin: str) -> tuple[UniWeTokConfig, bool]:
         raise BitDanceError(f"{origin}: ddconfig lacks {missing} (the official constructor requires them)")
     dd = {**OFFICIAL_DEFAULTS, **dd}
     mult = dd["ch_mult"]
-    if not isinstance(mult, (list, tuple)) or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in mult):
+    if not isinstance(mult, (list, tuple)) or not all(type(m) is int and m > 0 for m in mult):
         raise BitDanceError(f"{origin}: ddconfig 'ch_mult' must be a list of positive integers, got {mult!r}")
-    out = UniWeTokConfig(ch=_int(dd, "ch", origin), ch_mult=tuple(mult), num_res_blocks=_int(dd, "num_res_blocks", origin),
+    out = UniWeTokConfig(ch=_int(dd, "ch", origin), ch_mult=tuple(mult),
+                         num_res_blocks=_int(dd, "num_res_blocks", origin),
                          z_channels=_int(dd, "z_channels", origin), in_channels=_int(dd, "in_channels", origin),
                          out_ch=_int(dd, "out_ch", origin), attn_blocks=_int(dd, "attn_blocks", origin),
                          n_heads=_int(dd, "n_heads", origin))

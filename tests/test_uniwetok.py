@@ -162,9 +162,11 @@ def test_every_model_key_takes_its_ema_twin(fx):
         twins += twin in sd
         assert torch.equal(loaded[k], sd[twin] if twin in sd else sd[k]), k
     manifest = os.path.join(fx, "manifest.json")
-    named = json.load(open(manifest)).get("checkpoint", {}).get("ema_substituted_keys", []) if os.path.isfile(manifest) else []
+    named = json.load(open(manifest)).get("checkpoint", {}).get("ema_substituted_keys", []) \
+        if os.path.isfile(manifest) else []
     for k in named:  # the fixture's plain copies of these are wrong on purpose
-        assert not torch.equal(sd[k], sd["model_ema." + k.replace(".", "")]) and torch.equal(loaded[k], sd["model_ema." + k.replace(".", "")])
+        twin = sd["model_ema." + k.replace(".", "")]
+        assert not torch.equal(sd[k], twin) and torch.equal(loaded[k], twin), k
     assert twins >= len(named)
 
 

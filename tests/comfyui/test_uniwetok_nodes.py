@@ -58,7 +58,8 @@ def test_every_uniwetok_fixture_is_placed():
 
 
 def test_tokenizer_loader_lists_uniwetok_checkpoints(comfy):
-    opts = comfy.get("/object_info/BitDanceTokenizerLoader")["BitDanceTokenizerLoader"]["input"]["required"]["tokenizer"][1]["options"]
+    info = comfy.get("/object_info/BitDanceTokenizerLoader")["BitDanceTokenizerLoader"]
+    opts = info["input"]["required"]["tokenizer"][1]["options"]
     for name in UNIWETOK:
         assert f"{name}/uniwetok.pt" in opts
     assert "ae-tiny" in opts
