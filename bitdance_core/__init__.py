@@ -7,17 +7,21 @@ command line (cli) and training (train) on top.
 """
 from .errors import BitDanceError, OutOfDeviceMemory
 from .models.autoencoder import BinaryAutoencoder
+from .models.uniwetok import UniWeTok
 from .pipelines.imagenet import ImageNetPipeline, load_imagenet
 from .pipelines.imagenet_classes import class_index, imagenet_class_names, parse_classes
 from .pipelines.images import from_unit_hwc, to_uint8, to_unit_hwc
 from .pipelines.prompts import PromptTokens
 from .pipelines.t2i import OFFICIAL_SIZES, T2IPipeline
 from .pipelines.t2i_loading import ModelFiles, T2IInfo, describe_t2i, load_t2i
-from .pipelines.tokenizers import find_autoencoder_files, load_autoencoder as load_tokenizer
+from .pipelines.tokenizers import find_autoencoder_files, find_tokenizer_files, load_tokenizer
+from .pipelines.uniwetok_loading import CHECKPOINT_EXTS as UNIWETOK_EXTS
+from .pipelines.uniwetok_loading import find_uniwetok_files, is_uniwetok_checkpoint
 
 find_t2i_files = ModelFiles.find  # raises BitDanceError unless the path is a text-to-image model folder
 
 __all__ = ["BinaryAutoencoder", "BitDanceError", "ImageNetPipeline", "ModelFiles", "OFFICIAL_SIZES", "OutOfDeviceMemory",
-           "PromptTokens", "T2IInfo", "T2IPipeline", "class_index", "describe_t2i", "find_autoencoder_files",
-           "find_t2i_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet", "load_t2i", "load_tokenizer",
+           "PromptTokens", "T2IInfo", "T2IPipeline", "UNIWETOK_EXTS", "UniWeTok", "class_index", "describe_t2i",
+           "find_autoencoder_files", "find_t2i_files", "find_tokenizer_files", "find_uniwetok_files", "from_unit_hwc",
+           "imagenet_class_names", "is_uniwetok_checkpoint", "load_imagenet", "load_t2i", "load_tokenizer",
            "parse_classes", "to_uint8", "to_unit_hwc"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .. import bitdance_core as bd  # noqa: F401  (the public API)
 from ..bitdance_core import demo_models as _demo
 from ..bitdance_core import runtime as _runtime  # the memory and speed options
-from ..bitdance_core import find_autoencoder_files  # noqa: F401  (tokenizer file layout)
+from ..bitdance_core import UNIWETOK_EXTS, find_autoencoder_files, is_uniwetok_checkpoint  # noqa: F401  (tokenizer files)
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
 # text-to-image model folder and the class-conditional checkpoint (they may not be there yet)

@@ -14,7 +14,8 @@ import os
 
 import folder_paths
 
-from .engine import DEMO_DIR, DEMO_IMAGENET, DEMO_T2I, bd, find_autoencoder_files, find_t2i_files
+from .engine import (DEMO_DIR, DEMO_IMAGENET, DEMO_T2I, UNIWETOK_EXTS, bd, find_autoencoder_files, find_t2i_files,
+                     is_uniwetok_checkpoint)
 
 FOLDER = "bitdance"
 EXTENSIONS = {".safetensors", ".pt", ".pth", ".json"}
@@ -119,8 +120,9 @@ def list_t2i_models() -> list[str]:
 
 
 def list_tokenizers() -> list[str]:
-    """Tokenizer sources: folders with a tokenizer config (a T2I model folder counts) and
-    BitDance-Tokenizer files (ae_*.safetensors with their *_config.json)."""
+    """Tokenizer sources: folders with a tokenizer config (a T2I model folder counts),
+    BitDance-Tokenizer files (ae_*.safetensors with their *_config.json) and UniWeTok checkpoints
+    (.pt files recognised by their key names)."""
     found = []
     for root in roots():
         for d in _dirs(root):
@@ -128,6 +130,9 @@ def list_tokenizers() -> list[str]:
                 found.append(_rel(root, d))
         for f in _files(root, (".safetensors",)):
             if os.path.basename(f).startswith("ae_") and _qualifies(find_autoencoder_files, f):
+                found.append(_rel(root, f))
+        for f in _files(root, UNIWETOK_EXTS):
+            if is_uniwetok_checkpoint(f):
                 found.append(_rel(root, f))
     demos = [_demo_name(DEMO_T2I)] if _qualifies(find_autoencoder_files, DEMO_T2I) else []
     return _with_demos(found, demos)

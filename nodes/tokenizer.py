@@ -23,11 +23,13 @@ class BitDanceTokenizerLoader(io.ComfyNode):
             node_id="BitDanceTokenizerLoader",
             display_name="BitDance Tokenizer Loader",
             category="BitDance/loaders",
-            description="Loads a BitDance binary tokenizer on its own: a model folder's tokenizer, or a "
-                        "BitDance-Tokenizer file (ae_*.safetensors beside its ae_*_config.json).",
+            description="Loads a binary tokenizer on its own: a model folder's tokenizer, a BitDance-Tokenizer "
+                        "file (ae_*.safetensors beside its ae_*_config.json), or a UniWeTok checkpoint (.pt, "
+                        "its ddconfig in <name>_config.json or config.json beside it).",
             inputs=[
                 io.Combo.Input("tokenizer", options=paths.list_tokenizers(),
-                               tooltip="A folder with ae_config.json, or an ae_*.safetensors file, in models/bitdance/"),
+                               tooltip="A folder with ae_config.json, an ae_*.safetensors file or a UniWeTok .pt, "
+                                       "in models/bitdance/"),
                 io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto"),
             ],
             outputs=[TokenizerType.Output(display_name="tokenizer")],
@@ -60,7 +62,7 @@ class BitDanceDecode(io.ComfyNode):
                 TokenizerType.Input("tokenizer"),
                 io.Latent.Input("bits"),
                 io.Int.Input("gan_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Noise seed of GAN decoders (d32 tokenizers); plain decoders ignore it"),
+                             tooltip="Noise seed of GAN decoders (d32 tokenizers, UniWeTok); plain decoders ignore it"),
                 io.Int.Input("images_at_once", default=0, min=0, max=64,
                              tooltip="Decode this many images at a time to save memory (0 = all)"),
                 io.Int.Input("tile", default=0, min=0, max=4096, step=16, optional=True,
@@ -91,7 +93,7 @@ class BitDanceEncode(io.ComfyNode):
             display_name="BitDance Encode",
             category="BitDance/tokenizer",
             description="Encodes images into BitDance bits (a LATENT tagged with this tokenizer). Width and height "
-                        "must divide by the tokenizer's factor (16 or 32).",
+                        "must divide by the tokenizer's factor (16 or 32; UniWeTok: 32, and at least 64).",
             inputs=[TokenizerType.Input("tokenizer"), io.Image.Input("image")],
             outputs=[io.Latent.Output(display_name="bits")],
         )

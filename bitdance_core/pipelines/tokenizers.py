@@ -1,7 +1,8 @@
 """Binary tokenizer files: which files make a tokenizer, and loading it.
 
 A model folder (official `ae_config.json` + `ae.safetensors`, or diffusers `autoencoder/`), a
-BitDance-Tokenizer `ae_*.safetensors` (config `ae_*_config.json` beside it) or an ImageNet `ae_*.pt`.
+BitDance-Tokenizer `ae_*.safetensors` (config `ae_*_config.json` beside it), an ImageNet `ae_*.pt`,
+or a UniWeTok checkpoint (uniwetok_loading.py). `load_tokenizer` picks the kind.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..errors import BitDanceError
 from ..formats.checkpoints import load_pt, materialize, open_safetensors, read_json, source_from_state_dict
 from ..models.ae_layers import AutoencoderConfig
 from ..models.autoencoder import BinaryAutoencoder, build_autoencoder, config_from_shapes
+from .uniwetok_loading import find_uniwetok_files, is_uniwetok_checkpoint, load_uniwetok
 
 
 def find_autoencoder_files(path: str) -> tuple[str | None, str]:
@@ -62,3 +64,17 @@ def load_autoencoder(path: str, device="cpu", dtype=torch.float32) -> BinaryAuto
         cfg = config_from_shapes(src.shapes, weights)
     ae = build_autoencoder(cfg)
     return materialize(ae, src, "autoencoder", device, dtype, ignore=extra)
+
+
+def find_tokenizer_files(path: str) -> tuple[str | None, str]:
+    """(config json or None, weights) of either kind; BitDanceError when `path` holds no tokenizer."""
+    if is_uniwetok_checkpoint(path, open_if_needed=True):
+        return find_uniwetok_files(path)
+    return find_autoencoder_files(path)
+
+
+def load_tokenizer(path: str, device="cpu", dtype=torch.float32) -> BinaryAutoencoder:
+    """A BinaryAutoencoder (a UniWeTok is one too): encode(images) -> bits, decode(bits, generator) -> images."""
+    if is_uniwetok_checkpoint(path, open_if_needed=True):
+        return load_uniwetok(path, device=device, dtype=dtype)
+    return load_autoencoder(path, device=device, dtype=dtype)

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from comfy_client import ComfyClient  # noqa: E402
 from run_workflow import free_port, stop_server, tail  # noqa: E402  (the demo command's own helpers)
+from helpers import UNIWETOK  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMFY_DIR = os.path.abspath(os.environ.get("BITDANCE_COMFYUI_DIR") or os.path.join(REPO, ".comfyui"))
@@ -38,6 +39,7 @@ MODELS = {
     "ae-tiny": os.path.join(FIXTURES, "ae-tiny"),
     "imagenet-tiny-p4": os.path.join(FIXTURES, "imagenet-tiny-p4"),
 }
+MODELS.update({d: os.path.join(FIXTURES, d) for d in UNIWETOK})  # models/bitdance/<name>/uniwetok.pt
 
 
 def _place_models(models_dir: str) -> None:

@@ -14,6 +14,9 @@ def ui_twin(api_path: str) -> str:
     """workflows/api/NAME.api.json -> workflows/NAME.json"""
     return os.path.join(WORKFLOWS, os.path.basename(api_path).replace(".api.json", ".json"))
 TEST_WORKFLOWS = os.path.join(REPO, "tests", "workflows")
+FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures")
+# Every UniWeTok fixture (the public uniwetok-tiny and any others beside it); conftest places each in models/bitdance/
+UNIWETOK = sorted(d for d in (os.listdir(FIXTURES) if os.path.isdir(FIXTURES) else []) if d.startswith("uniwetok"))
 NODE_IDS = ["BitDanceModelLoader", "BitDanceTextEncode", "BitDanceARSampler", "BitDanceTokenizerLoader",
             "BitDanceDecode", "BitDanceEncode", "BitDanceImageNetLoader", "BitDanceImageNetSampler"]
 

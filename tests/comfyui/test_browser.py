@@ -46,12 +46,15 @@ def _pairs():
 def test_write_ui_workflows(comfy, upload_example, tmp_path):
     # the released names the workflows use, backed by the tiny fixtures, so every dropdown lists them
     bitdance = os.path.join(comfy.base, "models", "bitdance")
-    made = [os.path.join(bitdance, "BitDance-ImageNet"), os.path.join(bitdance, "BitDance-Tokenizer")]
-    os.makedirs(made[0])
-    os.makedirs(made[1])
+    made = [os.path.join(bitdance, "BitDance-ImageNet"), os.path.join(bitdance, "BitDance-Tokenizer"),
+            os.path.join(bitdance, "UniWeTok")]
+    for d in made:
+        os.makedirs(d)
     os.symlink(os.path.join(bitdance, "imagenet-tiny-p4", "model.pt"), os.path.join(made[0], "BitDance_B_1x.pt"))
     os.symlink(os.path.join(bitdance, "ae-tiny", "ae.safetensors"), os.path.join(made[1], "ae_d16c32.safetensors"))
     os.symlink(os.path.join(bitdance, "ae-tiny", "ae_config.json"), os.path.join(made[1], "ae_d16c32_config.json"))
+    os.symlink(os.path.join(bitdance, "uniwetok-tiny", "uniwetok.pt"), os.path.join(made[2], "uniwetok.pt"))
+    os.symlink(os.path.join(bitdance, "uniwetok-tiny", "config.json"), os.path.join(made[2], "config.json"))
     try:
         pairs = [[api, ui] for ui, api in _pairs()]
         pairs += [[p, p.replace(".api.json", ".json")] for p in sorted(glob.glob(os.path.join(TEST_WORKFLOWS, "*.api.json")))]

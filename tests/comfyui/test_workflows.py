@@ -20,6 +20,7 @@ MODEL_MAP = {
     "BitDance-14B-16x": "t2i-tiny-p16",
     "BitDance-ImageNet/BitDance_B_1x.pt": "imagenet-tiny-p4/model.pt",
     "BitDance-Tokenizer/ae_d16c32.safetensors": "ae-tiny",
+    "UniWeTok/uniwetok.pt": "uniwetok-tiny/uniwetok.pt",
 }
 
 
@@ -90,7 +91,7 @@ def test_workflow_runs(comfy, upload_example, path):
 
 def test_workflows_are_the_packs_templates(comfy):
     """ComfyUI lists a pack's workflows/ folder in its template browser (Workflow > Browse Templates):
-    the six UI workflows, not their API twins, each served as a loadable UI workflow."""
+    the UI workflows, not their API twins, each served as a loadable UI workflow."""
     from conftest import PACK_NAME
 
     listed = comfy.get("/workflow_templates")
