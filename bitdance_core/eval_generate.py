@@ -2,10 +2,12 @@
 scorer reads, on one process or many (`torchrun --nproc_per_node=N -m bitdance_core eval-generate ...`).
 
 Seed rule: the images of prompt i (its 0-based position in the prompt file) come from one
-torch.Generator seeded with `seed * 2**32 + i` on the compute device, drawn in the official order;
-a GAN decoder's noise from a second one seeded the same way. With --prompts-per-batch 1 (the default)
-prompt i's images are exactly `t2i --num-images N --seed <seed * 2**32 + i>`'s (with the rounding
-conversion of the official eval scripts, `images.to_uint8_rounded`).
+torch.Generator seeded with `seed * 1_000_000 + i` on the compute device, drawn in the official
+order; a GAN decoder's noise from a second one seeded the same way. With --prompts-per-batch 1 (the
+default) prompt i's bits are exactly `t2i --num-images N --seed <seed * 1_000_000 + i>`'s (saved with
+the official eval scripts' rounding conversion, `images.to_uint8_rounded`). The seeds stay below
+2**32 (seed <= 4293, fewer than a million prompts): torch's CPU generator keeps only the low 32 bits
+of a seed, so larger ones would repeat.
 
 Work: the prompts in batches of --prompts-per-batch consecutive indices ([0..K), [K..2K), ...), fixed
 by the settings alone. Rank 0 lists the batches that still lack a file; the ranks take them in turn
@@ -31,7 +33,8 @@ from .eval_layout import Layout, claim_folder
 from .eval_prompts import EvalPrompt, read_prompts
 from .images import to_uint8_rounded
 
-SEED_STRIDE = 2 ** 32
+SEED_STRIDE = 1_000_000  # prompt seeds: seed * SEED_STRIDE + index, below 2**32 (see the module docstring)
+MAX_SEED = (2 ** 32 - 1) // SEED_STRIDE - 1  # 4293: its last prompt seed still below 2**32
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class Progress:
             per_prompt = self.seconds / self.done
             left = f", ~{_duration(per_prompt * (self.total - self.done))} left"
         return (f"{self.tag} [{'#' * n}{'.' * (30 - n)}] {self.done}/{self.total} prompts, "
-                f"{self.written} images written, {rate}{left}")
+                f"{_count(self.written, 'image')} written, {rate}{left}")
 
     def block(self, step: int, total: int, _bits) -> None:
         if self.redraw:
@@ -121,6 +124,10 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 'es' if what.endswith('s') else 's'}"
+
+
 def _duration(s: float) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
 
@@ -134,9 +141,10 @@ def _check_args(args, bench: Benchmark, prompts: list[EvalPrompt]):
     require(args.prompts_per_batch >= 1, f"--prompts-per-batch must be >= 1, got {args.prompts_per_batch}")
     require(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     require(args.cfg is None or args.cfg >= 0, f"--cfg must be >= 0, got {args.cfg}")
-    require(0 <= args.seed < SEED_STRIDE, f"--seed must be in 0..{SEED_STRIDE - 1} (the seed rule is "
-            f"seed * 2**32 + prompt index), got {args.seed}")
-    require(len(prompts) <= SEED_STRIDE, f"{args.prompts}: {len(prompts)} prompts; at most 2**32 fit the seed rule")
+    require(0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED} (prompt i draws from seed * {SEED_STRIDE:_} + i, "
+            f"which must stay below 2**32), got {args.seed}")
+    require(len(prompts) <= SEED_STRIDE, f"{args.prompts}: {len(prompts)} prompts; the seed rule takes at most "
+            f"{SEED_STRIDE:_} (split the file)")
     info = describe_t2i(args.model)
     h, w = args.height or bench.height, args.width or bench.width
     bp = info.block_pixels
@@ -185,7 +193,7 @@ def _run(args, group, dev: str, dtype, prompts: list[EvalPrompt], sm: Sampling):
         "attention": args.attention, "compile": bool(args.compile), "device": torch.device(dev).type,
     }
     info = {"model": os.path.realpath(args.model), "prompt_file": os.path.realpath(args.prompts),
-            "seed_rule": "prompt i: torch.Generator().manual_seed(seed * 2**32 + i)",
+            "seed_rule": f"prompt i: torch.Generator().manual_seed(seed * {SEED_STRIDE} + i)",
             "command": "python -m bitdance_core " + " ".join(sys.argv[1:])}
     layout = Layout(args.benchmark, args.out, n)
 
@@ -210,9 +218,9 @@ def _run(args, group, dev: str, dtype, prompts: list[EvalPrompt], sm: Sampling):
     mine = plan["work"][group.rank::group.world]
     if group.rank == 0:
         total = sum(len(b) for b in plan["work"])
-        print(f"{tag} [bitdance] {args.out}: {plan['note']}; {len(prompts)} prompts, {plan['skipped']} images already "
-              f"complete, {total} prompt{'s' if total != 1 else ''} to generate over {group.world} "
-              f"process{'es' if group.world != 1 else ''}", file=sys.stderr)
+        print(f"{tag} [bitdance] {args.out}: {plan['note']}; {_count(len(prompts), 'prompt')}, "
+              f"{_count(plan['skipped'], 'image')} already complete, {_count(total, 'prompt')} to generate over "
+              f"{_count(group.world, 'process')}", file=sys.stderr)
 
     progress = Progress(tag, sum(len(b) for b in mine), redraw=group.world == 1 and sys.stderr.isatty())
     pipe = load_t2i_as_planned(args, decision, dev, dtype) if mine else None
@@ -231,18 +239,18 @@ def _run(args, group, dev: str, dtype, prompts: list[EvalPrompt], sm: Sampling):
         progress.batch_done(len(batch), len(batch) * n, written, time.perf_counter() - t0)
     progress.finish()
     rate = f"{progress.seconds / progress.generated:.2f} s/image" if progress.generated else "nothing to generate"
-    print(f"{tag} done: {progress.written} images written, {progress.generated} generated ({rate})", file=sys.stderr)
+    print(f"{tag} done: {_count(progress.written, 'image')} written, {progress.generated} generated ({rate})",
+          file=sys.stderr)
     stats = group.gather({"written": progress.written, "generated": progress.generated, "seconds": progress.seconds})
     wall = time.perf_counter() - start
     if group.rank == 0:
         written = sum(s["written"] for s in stats)
         generated = sum(s["generated"] for s in stats)
         busy = sum(s["seconds"] for s in stats)
-        procs = f"{group.world} process{'es' if group.world != 1 else ''}"
-        speed = (f"{busy / generated:.2f} s/image per process, {wall / generated:.2f} s/image overall ({procs}, "
-                 f"{wall:.1f} s)") if generated else "nothing to do"
-        print(f"[bitdance] eval-generate {args.benchmark}: {written} images written, {plan['skipped']} skipped "
-              f"(already complete), {generated} generated; {speed}; {args.out}", file=sys.stderr)
+        speed = (f"{busy / generated:.2f} s/image per process, {wall / generated:.2f} s/image overall "
+                 f"({_count(group.world, 'process')}, {wall:.1f} s)") if generated else "nothing to do"
+        print(f"[bitdance] eval-generate {args.benchmark}: {_count(written, 'image')} written, {plan['skipped']} "
+              f"skipped (already complete), {generated} generated; {speed}; {args.out}", file=sys.stderr)
 
 
 def register(sub) -> None:
@@ -259,7 +267,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="diffusion-head steps per block (default 50)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: GenEval 13.0, DPG-Bench 7.5)")
     p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0, help="prompt i's generator is seeded with SEED * 2**32 + i")
+    p.add_argument("--seed", type=int, default=0, help=f"0..{MAX_SEED}: prompt i's generator is seeded with SEED * 1_000_000 + i")
     p.add_argument("--prompts-per-batch", type=int, default=1,
                    help="prompts sharing one batch (faster where memory allows; part of the settings: the "
                         "images differ in rounding from another batch size)")

@@ -46,11 +46,6 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
-def _geneval_hint(text: str) -> str:
-    first = text.strip().splitlines()[0]
-    return " (one JSON object per line: GenEval's metadata? use --benchmark geneval)" if _is_json_object(first) else ""
-
-
 def read_geneval(path: str) -> list[EvalPrompt]:
     text = _read_text(path)
     lines = text.splitlines(keepends=True)
@@ -111,9 +106,11 @@ def read_dpg(path: str) -> list[EvalPrompt]:
     pos = skip(0)
     if pos == len(text):
         raise BitDanceError(f"{path}: the file is empty; {want}")
+    lines = text.strip().splitlines()
+    if len(lines) > 1 and _is_json_object(lines[0]):  # a whole object on line 1, more after it: JSON lines
+        raise BitDanceError(f"{path}: one JSON object per line (GenEval's metadata? use --benchmark geneval); {want}")
     if not text.startswith("{", pos):
-        hint = _geneval_hint(text)
-        raise BitDanceError(f"{path}, line {line_of(pos)}: not a JSON object{hint}; {want}")
+        raise BitDanceError(f"{path}, line {line_of(pos)}: not a JSON object; {want}")
     pos = skip(pos + 1)
     out, first_line = [], {}
     if text.startswith("}", pos):
@@ -145,8 +142,7 @@ def read_dpg(path: str) -> list[EvalPrompt]:
                 break
             pos = skip(pos)
     if skip(pos) != len(text):
-        hint = _geneval_hint(text)
-        raise BitDanceError(f"{path}, line {line_of(skip(pos))}: text after the closing '}}'{hint}; {want}")
+        raise BitDanceError(f"{path}, line {line_of(skip(pos))}: text after the closing '}}'; {want}")
     if not out:
         raise BitDanceError(f"{path}: no prompts; {want}")
     return out
