@@ -31,9 +31,10 @@ class ProcessGroup:
         """The prefix of this process's console lines."""
         return f"[rank {self.rank}/{self.world}]"
 
-    def device(self, device_type: str) -> str:
-        """The device of this process: its own GPU (LOCAL_RANK) under torchrun, else `device_type`."""
-        return f"cuda:{self.local_rank}" if device_type == "cuda" and self.joined else device_type
+    def device(self, requested: str) -> str:
+        """The device of this process: its own GPU (cuda:LOCAL_RANK) when several share a node's GPUs,
+        else the one asked for."""
+        return f"cuda:{self.local_rank}" if self.joined and torch.device(requested).type == "cuda" else requested
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""

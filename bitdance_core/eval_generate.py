@@ -94,9 +94,10 @@ class Progress:
         self.tag, self.total, self.redraw = tag, total_prompts, redraw
         self.done = self.written = self.generated = 0
         self.seconds = 0.0
+        self.in_batch = 0  # prompts of the batch being generated
 
     def line(self, block: int | None = None, blocks: int | None = None) -> str:
-        frac = (self.done + (block / blocks if blocks else 0)) / max(self.total, 1)
+        frac = (self.done + (self.in_batch * block / blocks if blocks else 0)) / max(self.total, 1)
         n = int(30 * frac)
         rate = f"{self.seconds / self.generated:.2f} s/image" if self.generated else "-- s/image"
         left = ""
@@ -107,12 +108,12 @@ class Progress:
                 f"{_count(self.written, 'image')} written, {rate}{left}")
 
     def block(self, step: int, total: int, _bits) -> None:
-        if self.redraw:
-            sys.stderr.write("\r" + self.line(step + 1, total))
-            sys.stderr.flush()
+        sys.stderr.write("\r" + self.line(step + 1, total))
+        sys.stderr.flush()
 
     def batch_done(self, prompts: int, generated: int, written: int, seconds: float) -> None:
         self.done += prompts
+        self.in_batch = 0
         self.generated += generated
         self.written += written
         self.seconds += seconds
@@ -177,7 +178,7 @@ def cmd_eval_generate(args):
         raise BitDanceError(f"--device {dev}: under torchrun each process takes the GPU of its LOCAL_RANK; pass --device cuda")
     group = distributed.join(dev_type)
     try:
-        _run(args, group, group.device(dev_type) if group.joined else dev, dtype, prompts, sampling)
+        _run(args, group, group.device(dev), dtype, prompts, sampling)
     finally:
         group.close()
 
@@ -212,6 +213,8 @@ def _run(args, group, dev: str, dtype, prompts: list[EvalPrompt], sm: Sampling):
             plan = {"note": note, "skipped": skipped, "work": work}
         except BitDanceError as e:
             plan = {"error": str(e)}
+        except OSError as e:  # the folder cannot be made or written
+            plan = {"error": f"--out {args.out}: {e}"}
     plan = group.broadcast(plan)
     if "error" in plan:
         raise BitDanceError(plan["error"])
@@ -229,11 +232,12 @@ def _run(args, group, dev: str, dtype, prompts: list[EvalPrompt], sm: Sampling):
         t0 = time.perf_counter()
         todos = [layout.todo(prompts[i]) for i in batch]
         seeds = [prompt_seed(args.seed, i) for i in batch]
+        progress.in_batch = len(batch)
         bits = pipe.generate([prompts[i].prompt for i in batch], sm.height, sm.width, sm.steps, sm.cfg, n, seeds,
-                             callback=progress.block)
+                             callback=progress.block if progress.redraw else None)
         written = 0
         for k, (t, s) in enumerate(zip(todos, seeds)):
-            gan_noise = torch.Generator(device=dev).manual_seed(s)
+            gan_noise = torch.Generator(device=pipe.device).manual_seed(s)  # where decode draws (offload: CPU)
             images = to_uint8_rounded(pipe.decode(bits[k * n:(k + 1) * n], generator=gan_noise)).numpy()
             written += layout.write(t, images)
         progress.batch_done(len(batch), len(batch) * n, written, time.perf_counter() - t0)

@@ -87,9 +87,9 @@ class _Draws:
         return out
 
 
-def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, generator: torch.Generator | None,
-                   x_dim: int = 32, time_shift: float = 1.0, last_step_size: float = 0.05,
-                   noise: torch.Tensor | None = None) -> torch.Tensor:
+def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int,
+                   generator: torch.Generator | list[torch.Generator] | None, x_dim: int = 32,
+                   time_shift: float = 1.0, last_step_size: float = 0.05, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Returns cat([x] * mult): the sampled bits (before sign) for every row of `cond`.
     noise: `predraw_noise(...)`, used instead of drawing from `generator`."""
     mult = 2 if cfg > 1.0 else 1
@@ -117,8 +117,9 @@ def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, gener
     return torch.cat([x] * mult, dim=0)
 
 
-def euler(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, generator: torch.Generator | None,
-          x_dim: int = 32, noise: torch.Tensor | None = None) -> torch.Tensor:
+def euler(net: NetFn, cond: torch.Tensor, cfg: float, steps: int,
+          generator: torch.Generator | list[torch.Generator] | None, x_dim: int = 32,
+          noise: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic Euler on the velocity (upstream's `euler`): one draw, for x0."""
     mult = 2 if cfg > 1.0 else 1
     device = cond.device
