@@ -139,7 +139,7 @@ class Layout:
         try:
             with open(self.metadata_path(p), encoding="utf-8", newline="") as f:
                 return f.read() == p.metadata
-        except OSError:
+        except (OSError, UnicodeDecodeError):  # missing or not what we wrote: written again
             return False
 
     def write_metadata(self, p: EvalPrompt) -> None:

@@ -353,23 +353,36 @@ def test_generate_with_a_list_of_one_prompt_is_the_plain_call(fx, one_thread):
         pipe.generate(["a", "b"], s, s, 2, 4.0, 1, 11)
 
 
+TORCHVISION_SAVE = """
+import sys
+import numpy as np
+import torch
+from comfy_launcher import _define_torchvision_schemas
+_define_torchvision_schemas()  # the CUDA torchvision wheel beside a CPU torch (see comfy_launcher)
+from torchvision.utils import make_grid, save_image
+for stem in sys.argv[1:]:
+    unit = torch.from_numpy(np.load(stem + ".npy")).clamp(-1, 1) * 0.5 + 0.5  # as eval_geneval.py / eval_dpg.py
+    save_image(unit[0], stem + "_sample.png")
+    save_image(make_grid(unit, nrow=2, padding=0), stem + "_grid.png")
+"""
+
+
 def test_grid_and_pngs_match_torchvision(tmp_path):
     """The official scripts save with torchvision (save_image, make_grid(nrow=2, padding=0)): our files
-    are byte for byte what it writes from the same pixels."""
-    from comfy_launcher import _define_torchvision_schemas
-
-    _define_torchvision_schemas()  # the CUDA torchvision wheel beside a CPU torch (see comfy_launcher)
-    from torchvision.utils import make_grid, save_image
-
+    are byte for byte what it writes from the same pixels. (torchvision runs in its own interpreter:
+    importing it here would leave this test process's transformers trying to use it.)"""
     from bitdance_core.eval_layout import grid, png_bytes
     from bitdance_core.images import to_uint8_rounded
 
     g = torch.Generator().manual_seed(0)
-    for n in (4, 3, 1):
-        pixels = torch.randn(n, 3, 16, 24, generator=g) * 0.7  # some beyond [-1, 1]
-        unit = pixels.clamp(-1, 1) * 0.5 + 0.5  # as eval_geneval.py / eval_dpg.py
-        save_image(unit[0], tmp_path / "s.png")
-        save_image(make_grid(unit, nrow=2, padding=0), tmp_path / "g.png")
+    cases = {n: torch.randn(n, 3, 16, 24, generator=g) * 0.7 for n in (4, 3, 1)}  # some beyond [-1, 1]
+    for n, pixels in cases.items():
+        np.save(tmp_path / f"{n}.npy", pixels.numpy())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
+    r = subprocess.run([sys.executable, "-c", TORCHVISION_SAVE, *(str(tmp_path / str(n)) for n in cases)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for n, pixels in cases.items():
         u8 = to_uint8_rounded(pixels).numpy()
-        assert (tmp_path / "s.png").read_bytes() == png_bytes(u8[0])
-        assert (tmp_path / "g.png").read_bytes() == png_bytes(grid(u8))
+        assert (tmp_path / f"{n}_sample.png").read_bytes() == png_bytes(u8[0])
+        assert (tmp_path / f"{n}_grid.png").read_bytes() == png_bytes(grid(u8))
