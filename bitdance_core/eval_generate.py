@@ -45,12 +45,11 @@ class Benchmark:
     width: int
     steps: int
     cfg: float
-    prompt_file: str  # what the benchmark calls its prompt file, for messages
 
 
 BENCHMARKS = {
-    "geneval": Benchmark(1024, 1024, 50, 13.0, "evaluation_metadata.jsonl"),
-    "dpg": Benchmark(1024, 1024, 50, 7.5, "prompts.json"),
+    "geneval": Benchmark(1024, 1024, 50, 13.0),
+    "dpg": Benchmark(1024, 1024, 50, 7.5),
 }
 
 
