@@ -10,7 +10,7 @@ from .models.autoencoder import BinaryAutoencoder
 from .models.uniwetok import UniWeTok
 from .pipelines.imagenet import ImageNetPipeline, load_imagenet
 from .pipelines.imagenet_classes import class_index, imagenet_class_names, parse_classes
-from .pipelines.images import from_unit_hwc, to_uint8, to_unit_hwc
+from .pipelines.images import from_unit_hwc, to_uint8, to_uint8_rounded, to_unit_hwc
 from .pipelines.prompts import PromptTokens
 from .pipelines.t2i import OFFICIAL_SIZES, T2IPipeline
 from .pipelines.t2i_loading import ModelFiles, T2IInfo, describe_t2i, load_t2i
@@ -24,4 +24,4 @@ __all__ = ["BinaryAutoencoder", "BitDanceError", "ImageNetPipeline", "ModelFiles
            "PromptTokens", "T2IInfo", "T2IPipeline", "UNIWETOK_EXTS", "UniWeTok", "class_index", "describe_t2i",
            "find_autoencoder_files", "find_t2i_files", "find_tokenizer_files", "find_uniwetok_files", "from_unit_hwc",
            "imagenet_class_names", "is_uniwetok_checkpoint", "load_imagenet", "load_t2i", "load_tokenizer",
-           "parse_classes", "to_uint8", "to_unit_hwc"]
+           "parse_classes", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]

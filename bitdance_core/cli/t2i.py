@@ -1,4 +1,5 @@
-"""`python -m bitdance_core t2i ...`: text to image with a model folder (official or diffusers layout)."""
+"""`python -m bitdance_core t2i ...`: text to image with a model folder (official or diffusers layout),
+and the loading options it shares with eval-generate."""
 from __future__ import annotations
 
 import sys
@@ -8,23 +9,49 @@ import torch
 from .common import add_common, device_dtype, progress, save_outputs
 
 
-def cmd_t2i(args):
-    from ..pipelines.images import to_uint8
-    from ..runtime.fitting import load_planned, plan_for
+def add_t2i_load_options(p) -> None:
+    """How a text-to-image model is loaded and accelerated (t2i, eval-generate)."""
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"])
+    p.add_argument("--weights", default="auto", choices=["auto", "as-is", "fp8"],
+                   help="fp8: backbone and head linears in float8 (auto: fp8 only where as-is does not fit the GPU)")
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "stage", "stream"],
+                   help="auto: the fastest mode that fits the GPU's free memory for this size and batch")
+    p.add_argument("--graphs", action="store_true", help="CUDA graphs for the head's sampling loop and the block step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the head and the backbone (GPU)")
+
+
+def plan_t2i_load(args, dev: str, dtype, height: int, width: int, num_images: int, cfg: float, log_prefix: str = ""):
+    """The weights/offload decision for `args.weights`/`args.offload` (see add_t2i_load_options), planned
+    for this size and batch against the device's free memory, printed to stderr."""
+    from ..runtime.fitting import plan_for
+
+    # auto: as stored, no offload, when that fits; on the CPU auto is always that
+    free = torch.cuda.mem_get_info(torch.device(dev))[0] if dev.startswith("cuda") else None
+    decision = plan_for(args.model, free, device=dev, height=height, width=width, num_images=num_images, cfg=cfg,
+                        dtype=dtype, weights=args.weights, offload=args.offload)
+    print(f"{log_prefix}[bitdance] {decision.summary()}", file=sys.stderr)
+    return decision
+
+
+def load_t2i_as_planned(args, decision, dev: str, dtype):
+    """The pipeline loaded as `decision` says, with --graphs / --compile applied."""
+    from ..runtime.fitting import load_planned
     from ..runtime.graphs import enable_compile, enable_graphs
 
-    dev, dtype = device_dtype(args)
-    # weights and offload for this size and batch, against the GPU's free memory (auto: as stored, no
-    # offload, when that fits; on the CPU auto is always that)
-    free = torch.cuda.mem_get_info(torch.device(dev))[0] if dev.startswith("cuda") else None
-    decision = plan_for(args.model, free, device=dev, height=args.height, width=args.width, num_images=args.num_images,
-                        cfg=args.cfg, dtype=dtype, weights=args.weights, offload=args.offload)
-    print(f"[bitdance] {decision.summary()}", file=sys.stderr)
     pipe, _offload = load_planned(args.model, decision, dev, dtype=dtype, attention=args.attention)
     if args.graphs:
         enable_graphs(pipe)  # after the offload hooks; a no-op on the CPU
     if args.compile:
         enable_compile(pipe)  # GPU only
+    return pipe
+
+
+def cmd_t2i(args):
+    from ..pipelines.images import to_uint8
+
+    dev, dtype = device_dtype(args)
+    decision = plan_t2i_load(args, dev, dtype, args.height, args.width, args.num_images, args.cfg)
+    pipe = load_t2i_as_planned(args, decision, dev, dtype)
     bits = pipe.generate(pipe.encode_prompt(args.prompt, args.negative_prompt), args.height, args.width, args.steps,
                          args.cfg, args.num_images, args.seed, callback=progress("blocks"))
     save_outputs(to_uint8(pipe.decode(bits)).numpy(), bits, args)
@@ -41,12 +68,6 @@ def register(sub) -> None:
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"])
-    p.add_argument("--weights", default="auto", choices=["auto", "as-is", "fp8"],
-                   help="fp8: backbone and head linears in float8 (auto: fp8 only where as-is does not fit the GPU)")
-    p.add_argument("--offload", default="auto", choices=["auto", "none", "stage", "stream"],
-                   help="auto: the fastest mode that fits the GPU's free memory for this size and batch")
-    p.add_argument("--graphs", action="store_true", help="CUDA graphs for the head's sampling loop and the block step")
-    p.add_argument("--compile", action="store_true", help="torch.compile the head and the backbone (GPU)")
+    add_t2i_load_options(p)
     add_common(p)
     p.set_defaults(func=cmd_t2i)

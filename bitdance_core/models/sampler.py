@@ -8,6 +8,10 @@ With guidance > 1 the condition batch is [cond; uncond] and both halves share x.
 `predraw_noise` makes those draws up front, in the same order and shapes (so the same numbers), and
 a sampler given `noise=` takes them from there instead of the generator: that is how a CUDA graph
 of the whole loop (runtime/graphs.py) runs without drawing random numbers inside the graph.
+
+`generator` may also be a list of generators, one per group of equally many rows (several prompts
+in one batch): each draw is then each generator's share of the rows, drawn in turn and concatenated,
+so a group's noise is what its generator alone would draw and never depends on its batch-mates.
 """
 from __future__ import annotations
 
@@ -46,6 +50,18 @@ def x_shape_of(cond: torch.Tensor, cfg: float, x_dim: int) -> list[int]:
     return shape
 
 
+def randn_rows(shape, generator, device) -> torch.Tensor:
+    """randn(shape) in float32 from `generator`, or from a list of generators that each draw their
+    equal share of the rows, in order (see the module docstring)."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    rows, n = shape[0], len(generator)
+    if rows % n:
+        raise ValueError(f"{rows} rows cannot be shared equally by {n} generators")
+    share = [rows // n, *shape[1:]]
+    return torch.cat([torch.randn(share, generator=g, device=device, dtype=torch.float32) for g in generator])
+
+
 def noise_draws(sampler: str, steps: int) -> int:
     """How many randn(x_shape) calls one sampler call makes."""
     return 1 + steps if sampler == "euler_maruyama" else 1
@@ -54,8 +70,7 @@ def noise_draws(sampler: str, steps: int) -> int:
 def predraw_noise(sampler: str, cond: torch.Tensor, cfg: float, steps: int, generator, x_dim: int = 32) -> torch.Tensor:
     """[draws, *x_shape]: the sampler's draws, made one by one as it would make them."""
     shape = x_shape_of(cond, cfg, x_dim)
-    return torch.stack([torch.randn(shape, generator=generator, device=cond.device, dtype=torch.float32)
-                        for _ in range(noise_draws(sampler, steps))])
+    return torch.stack([randn_rows(shape, generator, cond.device) for _ in range(noise_draws(sampler, steps))])
 
 
 class _Draws:
@@ -66,15 +81,15 @@ class _Draws:
 
     def __call__(self, shape) -> torch.Tensor:
         if self.noise is None:
-            return torch.randn(shape, generator=self.generator, device=self.device, dtype=torch.float32)
+            return randn_rows(shape, self.generator, self.device)
         out = self.noise[self.i]
         self.i += 1
         return out
 
 
-def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, generator: torch.Generator | None,
-                   x_dim: int = 32, time_shift: float = 1.0, last_step_size: float = 0.05,
-                   noise: torch.Tensor | None = None) -> torch.Tensor:
+def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int,
+                   generator: torch.Generator | list[torch.Generator] | None, x_dim: int = 32,
+                   time_shift: float = 1.0, last_step_size: float = 0.05, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Returns cat([x] * mult): the sampled bits (before sign) for every row of `cond`.
     noise: `predraw_noise(...)`, used instead of drawing from `generator`."""
     mult = 2 if cfg > 1.0 else 1
@@ -102,8 +117,9 @@ def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, gener
     return torch.cat([x] * mult, dim=0)
 
 
-def euler(net: NetFn, cond: torch.Tensor, cfg: float, steps: int, generator: torch.Generator | None,
-          x_dim: int = 32, noise: torch.Tensor | None = None) -> torch.Tensor:
+def euler(net: NetFn, cond: torch.Tensor, cfg: float, steps: int,
+          generator: torch.Generator | list[torch.Generator] | None, x_dim: int = 32,
+          noise: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic Euler on the velocity (upstream's `euler`): one draw, for x0."""
     mult = 2 if cfg > 1.0 else 1
     device = cond.device

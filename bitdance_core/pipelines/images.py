@@ -11,6 +11,14 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * pixels + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 
 
+def to_uint8_rounded(pixels: torch.Tensor) -> torch.Tensor:
+    """The official evaluation scripts' conversion (torchvision's save_image of clamp(x, -1, 1) * 0.5 + 0.5):
+    255 * that + 0.5, clamped, truncated; [B,3,H,W] -> [B,H,W,3] uint8. It rounds where `to_uint8`
+    truncates, so the two can differ by one level."""
+    unit = pixels.to(torch.float32).clamp(-1, 1) * 0.5 + 0.5
+    return unit.mul(255).add_(0.5).clamp_(0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
 def to_unit_hwc(pixels: torch.Tensor) -> torch.Tensor:
     """[B,3,H,W] -> [B,H,W,3] float in 0..1, through the official uint8 conversion (so a saved
     8-bit PNG equals the official output byte for byte)."""

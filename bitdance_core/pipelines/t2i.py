@@ -66,13 +66,21 @@ class T2IPipeline:
             warnings.warn(f"{height}x{width} is not one of the official BitDance sizes; it runs, but quality is not guaranteed")
 
     @torch.no_grad()
-    def generate(self, prompt: PromptTokens | str, height: int = 1024, width: int = 1024, steps: int = 50,
-                 cfg: float = 7.5, num_images: int = 1, seed: int = 0, negative_prompt: str | None = None,
+    def generate(self, prompt: PromptTokens | str | list, height: int = 1024, width: int = 1024, steps: int = 50,
+                 cfg: float = 7.5, num_images: int = 1, seed: int | list[int] = 0, negative_prompt: str | None = None,
                  sampler: str = "euler_maruyama", callback: Callback | None = None,
                  batched_cfg: bool = True) -> torch.Tensor:
-        """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32)."""
-        if isinstance(prompt, str):
-            prompt = self.encode_prompt(prompt, negative_prompt)
+        """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32).
+
+        Several prompts in one batch: `prompt` a list and `seed` a list of as many seeds; returns
+        [len(prompts) * num_images, ...], prompt by prompt. Each prompt draws its noise from its own
+        generator, exactly as it would alone (sampler.randn_rows); its rows share the backbone and
+        head passes with the others, which can round differently from a batch of its own."""
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        require(len(prompts) >= 1 and len(seeds) == len(prompts),
+                f"{len(prompts)} prompts need as many seeds (one per prompt), got {len(seeds)}")
+        prompts = [self.encode_prompt(p, negative_prompt) if isinstance(p, str) else p for p in prompts]
         require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
         require(isinstance(cfg, (int, float)) and cfg >= 0, f"cfg (guidance scale) must be >= 0, got {cfg}")
         require(isinstance(num_images, int) and num_images >= 1, f"num_images must be an integer >= 1, got {num_images}")
@@ -83,14 +91,16 @@ class T2IPipeline:
         lat_h, lat_w = height // self.downsample, width // self.downsample
         n_blocks = lat_h * lat_w // P
         guided = cfg > 1.0
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
+        gen = gens[0] if len(gens) == 1 else gens
 
         prefix = self.codec.image_prefix(lat_h, lat_w, P)
-        branches = [list(prompt.cond_ids) + prefix] + ([list(prompt.uncond_ids) + prefix] if guided else [])
-        rows = [seq for seq in branches for _ in range(B)]
+        cond_rows = [list(p.cond_ids) + prefix for p in prompts for _ in range(B)]
+        uncond_rows = [list(p.uncond_ids) + prefix for p in prompts for _ in range(B)] if guided else []
+        n_out = len(cond_rows)  # images made: B per prompt
         # Batched guidance: one backbone pass over [cond; uncond]. Otherwise (the official way,
         # kept as the benchmark baseline) one pass per branch.
-        groups = [rows] if batched_cfg else [rows[i:i + B] for i in range(0, len(rows), B)]
+        groups = [cond_rows + uncond_rows] if batched_cfg else [g for g in (cond_rows, uncond_rows) if g]
         runs = [BackboneRun(self.backbone, g, P, n_blocks, dev) for g in groups]
         hidden = torch.cat([r.prefill() for r in runs])
 
@@ -102,7 +112,7 @@ class T2IPipeline:
             pe = pos_table[s * P:(s + 1) * P]
             pred = sample(self.head.net, hidden.to(torch.float32) + pe, cfg, steps, gen, x_dim=self.latent_channels, **extra)
             bits = torch.sign(pred)
-            out_blocks.append(bits[:B])
+            out_blocks.append(bits[:n_out])
             if callback is not None:
                 callback(s, n_blocks, self._partial(out_blocks, lat_h, lat_w))
             if s == n_blocks - 1:
@@ -123,8 +133,9 @@ class T2IPipeline:
         return blocks_to_raster(full, lat_h, lat_w, self.block_side)
 
     @torch.no_grad()
-    def decode(self, bits: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(bits.to(self.device))
+    def decode(self, bits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """generator: the noise of a GAN decoder (unused by the plain decoders of the T2I models)."""
+        return self.autoencoder.decode(bits.to(self.device), generator=generator)
 
 
 class BackboneRun:
