@@ -10,6 +10,7 @@ from .models.autoencoder import BinaryAutoencoder
 from .pipelines.imagenet import ImageNetPipeline, load_imagenet
 from .pipelines.imagenet_classes import class_index, imagenet_class_names, parse_classes
 from .pipelines.images import from_unit_hwc, to_uint8, to_unit_hwc
+from .pipelines.comfy_split import SplitConfigs, load_split, read_split_configs
 from .pipelines.prompts import PromptTokens
 from .pipelines.t2i import OFFICIAL_SIZES, T2IPipeline
 from .pipelines.t2i_loading import ModelFiles, T2IInfo, describe_t2i, load_t2i
@@ -18,6 +19,6 @@ from .pipelines.tokenizers import find_autoencoder_files, load_autoencoder as lo
 find_t2i_files = ModelFiles.find  # raises BitDanceError unless the path is a text-to-image model folder
 
 __all__ = ["BinaryAutoencoder", "BitDanceError", "ImageNetPipeline", "ModelFiles", "OFFICIAL_SIZES", "OutOfDeviceMemory",
-           "PromptTokens", "T2IInfo", "T2IPipeline", "class_index", "describe_t2i", "find_autoencoder_files",
-           "find_t2i_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet", "load_t2i", "load_tokenizer",
-           "parse_classes", "to_uint8", "to_unit_hwc"]
+           "PromptTokens", "SplitConfigs", "T2IInfo", "T2IPipeline", "class_index", "describe_t2i", "find_autoencoder_files",
+           "find_t2i_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet", "load_split", "load_t2i",
+           "load_tokenizer", "parse_classes", "read_split_configs", "to_uint8", "to_unit_hwc"]

@@ -142,6 +142,31 @@ def list_checkpoints(suffixes=(".pt", ".pth")) -> list[str]:
     return _with_demos(found, demos)
 
 
+def comfy_qwen_vocab() -> str:
+    """ComfyUI's own Qwen tokenizer folder (vocab.json + merges.txt, byte-identical to Qwen3's and
+    so to BitDance's): the split loader's prompt tokenizer, without a download."""
+    import comfy
+
+    return os.path.join(next(iter(comfy.__path__)), "text_encoders", "qwen25_tokenizer")
+
+
+def list_split_files(folder_name: str) -> list[str]:
+    """A ComfyUI model folder's files (diffusion_models, text_encoders, vae; the legacy names unet and
+    clip are the same folders), as its own loaders list them."""
+    return folder_paths.get_filename_list(folder_name)
+
+
+def resolve_split_file(folder_name: str, name: str, what: str) -> str:
+    """The full path of a file chosen in a split-loader dropdown; a clear error naming the folder."""
+    if not isinstance(name, str) or not name.strip():
+        raise bd.BitDanceError(f"no {what} chosen (a file in models/{folder_name}/)")
+    try:
+        return folder_paths.get_full_path_or_raise(folder_name, name)
+    except FileNotFoundError as e:
+        raise bd.BitDanceError(f"{what} '{name}' not found in models/{folder_name}/ "
+                               f"({', '.join(folder_paths.get_folder_paths(folder_name))})") from e
+
+
 def resolve(name: str, what: str) -> str:
     """The full path of a listed name; a clear error naming where it was looked for."""
     if not isinstance(name, str) or not name.strip():

@@ -14,7 +14,7 @@ def ui_twin(api_path: str) -> str:
     """workflows/api/NAME.api.json -> workflows/NAME.json"""
     return os.path.join(WORKFLOWS, os.path.basename(api_path).replace(".api.json", ".json"))
 TEST_WORKFLOWS = os.path.join(REPO, "tests", "workflows")
-NODE_IDS = ["BitDanceModelLoader", "BitDanceTextEncode", "BitDanceARSampler", "BitDanceTokenizerLoader",
+NODE_IDS = ["BitDanceModelLoader", "BitDanceSplitModelLoader", "BitDanceTextEncode", "BitDanceARSampler", "BitDanceTokenizerLoader",
             "BitDanceDecode", "BitDanceEncode", "BitDanceImageNetLoader", "BitDanceImageNetSampler"]
 
 
