@@ -7,6 +7,10 @@ folders and asks the engine whether a candidate qualifies.
 The demo models shipped inside the engine (bitdance_core/demo_models/) are listed too, without
 copying, under the names `demo/<path inside demo_models>` (e.g. `demo/digits-t2i`,
 `demo/digits-imagenet/model.pt`), after the models on disk.
+
+The split model loader's files live in ComfyUI's own folders instead (diffusion_models,
+text_encoders, vae), listed and resolved through folder_paths as ComfyUI's loaders do; its prompt
+tokenizer comes from ComfyUI's Qwen vocabulary folder (comfy_qwen_vocab).
 """
 from __future__ import annotations
 

@@ -52,13 +52,21 @@ def test_write_ui_workflows(comfy, upload_example, tmp_path):
     os.symlink(os.path.join(bitdance, "imagenet-tiny-p4", "model.pt"), os.path.join(made[0], "BitDance_B_1x.pt"))
     os.symlink(os.path.join(bitdance, "ae-tiny", "ae.safetensors"), os.path.join(made[1], "ae_d16c32.safetensors"))
     os.symlink(os.path.join(bitdance, "ae-tiny", "ae_config.json"), os.path.join(made[1], "ae_d16c32_config.json"))
+    # the community split files' names, backed by the tiny fp8 split files
+    models = os.path.join(comfy.base, "models")
+    for folder, community, tiny in (("diffusion_models", "BitDance_14B_MainModel_FP8", "tiny_fp8_main"),
+                                    ("text_encoders", "BitDance_TextEncoder_FP8", "tiny_fp8_text_encoder"),
+                                    ("vae", "BitDance_VAE_FP16", "tiny_fp8_vae")):
+        link = os.path.join(models, folder, community + ".safetensors")
+        os.symlink(os.path.join(models, folder, tiny + ".safetensors"), link)
+        made.append(link)
     try:
         pairs = [[api, ui] for ui, api in _pairs()]
         pairs += [[p, p.replace(".api.json", ".json")] for p in sorted(glob.glob(os.path.join(TEST_WORKFLOWS, "*.api.json")))]
         out = _drive(comfy, "convert", {"convert": pairs}, tmp_path)
     finally:
         for d in made:
-            shutil.rmtree(d)
+            shutil.rmtree(d) if os.path.isdir(d) and not os.path.islink(d) else os.remove(d)
     assert out["converted"] == len(pairs)
 
 
@@ -80,8 +88,9 @@ def test_browser(comfy, upload_example, tmp_path):
         os.remove(shot)
     out = _drive(comfy, "test", {
         "screenshot": shot,
-        "ui_workflows": [list(p) for p in _pairs()] + [[os.path.join(TEST_WORKFLOWS, "tiny_t2i.json"),
-                                                         os.path.join(TEST_WORKFLOWS, "tiny_t2i.api.json")]],
+        "ui_workflows": [list(p) for p in _pairs()] + [[os.path.join(TEST_WORKFLOWS, f"{n}.json"),
+                                                         os.path.join(TEST_WORKFLOWS, f"{n}.api.json")]
+                                                        for n in ("tiny_t2i", "tiny_t2i_split")],
         "run": os.path.join(TEST_WORKFLOWS, "tiny_t2i.json"),
     }, tmp_path)
     assert out["extension_loaded"], out
