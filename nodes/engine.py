@@ -32,6 +32,13 @@ def describe_t2i(path: str) -> dict:
             "layout": info.layout, "official_sizes": [list(s) for s in bd.OFFICIAL_SIZES]}
 
 
+def describe_split(main_model: str, text_encoder: str, vae: str, qwen_vocab: str, parallel_num: int | None) -> dict:
+    """describe_t2i for the split files (their headers; the tokenizer is built to check it)."""
+    split = read_split(main_model, text_encoder, vae, qwen_vocab, parallel_num)
+    return {"parallel_num": split.parallel_num, "downsample": split.ae.downsample, "latent_channels": split.ae.z_channels,
+            "layout": "split", "official_sizes": [list(s) for s in bd.OFFICIAL_SIZES]}
+
+
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names, in index order, as the engine ships them."""
     return bd.imagenet_class_names()

@@ -92,6 +92,7 @@ def test_browser(comfy, upload_example, tmp_path):
                                                          os.path.join(TEST_WORKFLOWS, f"{n}.api.json")]
                                                         for n in ("tiny_t2i", "tiny_t2i_split")],
         "run": os.path.join(TEST_WORKFLOWS, "tiny_t2i.json"),
+        "split_ui": os.path.join(TEST_WORKFLOWS, "tiny_t2i_split.json"),
     }, tmp_path)
     assert out["extension_loaded"], out
     assert not out["console_errors"], out["console_errors"]
@@ -104,6 +105,10 @@ def test_browser(comfy, upload_example, tmp_path):
     assert web["after_preset"]["status"].startswith("64 AR steps")
     assert web["after_typing"] == {"preset": "custom", "status": "16 AR steps · 16 tokens per step"}
     assert web["preset_in_prompt"] is False
+    # the split loader's model, read from its files' headers (16 tokens per step: the tiny fixture)
+    split = out["split_web"]
+    assert split["parallel_num"] == 16 and split["presets"] == web["presets"]
+    assert split["status"] == "16 AR steps · 16 tokens per step"
     assert out["output"]["width"] == 256 and out["output"]["height"] == 256 and "/view?" in out["output"]["src"]
     assert out["new_prompts"] == 1
     assert os.path.getsize(shot) > 10_000

@@ -200,3 +200,16 @@ def test_a_file_not_in_the_folder_is_refused_when_queued(comfy):
     node_of(wf, LOADER)["inputs"]["vae"] = "BitDance_VAE_FP16.safetensors"
     status, body = comfy.post_prompt(wf)
     assert status == 400 and "BitDance_VAE_FP16.safetensors" in json.dumps(body["node_errors"]), body
+
+
+def test_model_info_route_reads_the_split_files(comfy):
+    """What the web extension asks for the sampler's size presets when the split loader feeds it."""
+    q = "main_model=tiny_qwen_main.safetensors&text_encoder=tiny_qwen_text_encoder.safetensors&vae=tiny_qwen_vae.safetensors"
+    info = comfy.get(f"/bitdance/model_info?{q}&parallel_num=auto")
+    assert info["available"] and info["parallel_num"] == 16 and info["downsample"] == 16 and info["layout"] == "split"
+    assert [1024, 1024] in info["official_sizes"]
+    wrong = comfy.get(f"/bitdance/model_info?{q}&parallel_num=64")
+    assert wrong["available"] is False and "151940 rows is that of a 16x model" in wrong["error"]
+    missing = comfy.get("/bitdance/model_info?main_model=BitDance_14B_MainModel_FP8.safetensors"
+                        "&text_encoder=tiny_qwen_text_encoder.safetensors&vae=tiny_qwen_vae.safetensors&parallel_num=auto")
+    assert missing["available"] is False and "BitDance_14B_MainModel_FP8.safetensors" in missing["error"]
