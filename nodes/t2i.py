@@ -80,7 +80,7 @@ def load_t2i_managed(source, name: str, key: str, dtype: str, attention: str, we
     # the engine decides (from the configs and the free memory) and says why
     decision = plan_t2i(source, free_memory_for_planning(device), device, torch_dtype, weights, offload)
     print(f"[BitDance] {name}: {decision.summary()}", flush=True)
-    make_room(key, device, torch_dtype, need=decision.plan.peak_bytes)
+    make_room(key, device, torch_dtype, need=decision.plan.peak_bytes)  # need given: `key` is not read as a path
     pipe, off = load_t2i_planned(source, decision, device, torch_dtype,
                                  attention="sdpa" if attention == "auto" else attention)
     if cuda_graphs:
