@@ -10,6 +10,7 @@ from .models.autoencoder import BinaryAutoencoder
 from .models.uniwetok import UniWeTok
 from .pipelines.imagenet import ImageNetPipeline, load_imagenet
 from .pipelines.imagenet_classes import class_index, imagenet_class_names, parse_classes
+from .pipelines.comfy_split import SplitConfigs, load_split, read_split_configs
 from .pipelines.images import from_unit_hwc, to_uint8, to_uint8_rounded, to_unit_hwc
 from .pipelines.prompts import PromptTokens
 from .pipelines.t2i import OFFICIAL_SIZES, T2IPipeline
@@ -21,7 +22,7 @@ from .pipelines.uniwetok_loading import find_uniwetok_files, is_uniwetok_checkpo
 find_t2i_files = ModelFiles.find  # raises BitDanceError unless the path is a text-to-image model folder
 
 __all__ = ["BinaryAutoencoder", "BitDanceError", "ImageNetPipeline", "ModelFiles", "OFFICIAL_SIZES", "OutOfDeviceMemory",
-           "PromptTokens", "T2IInfo", "T2IPipeline", "UNIWETOK_EXTS", "UniWeTok", "class_index", "describe_t2i",
-           "find_autoencoder_files", "find_t2i_files", "find_tokenizer_files", "find_uniwetok_files", "from_unit_hwc",
-           "imagenet_class_names", "is_uniwetok_checkpoint", "load_imagenet", "load_t2i", "load_tokenizer",
-           "parse_classes", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]
+           "PromptTokens", "SplitConfigs", "T2IInfo", "T2IPipeline", "UNIWETOK_EXTS", "UniWeTok", "class_index",
+           "describe_t2i", "find_autoencoder_files", "find_t2i_files", "find_tokenizer_files", "find_uniwetok_files",
+           "from_unit_hwc", "imagenet_class_names", "is_uniwetok_checkpoint", "load_imagenet", "load_split", "load_t2i",
+           "load_tokenizer", "parse_classes", "read_split_configs", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]

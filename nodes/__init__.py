@@ -5,10 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import paths
 from .imagenet import NODES as IMAGENET_NODES
+from .split_loader import NODES as SPLIT_NODES
 from .t2i import NODES as T2I_NODES
 from .tokenizer import NODES as TOKENIZER_NODES
 
-NODES: list[type[io.ComfyNode]] = [*T2I_NODES, *TOKENIZER_NODES, *IMAGENET_NODES]
+NODES: list[type[io.ComfyNode]] = [*T2I_NODES, *SPLIT_NODES, *TOKENIZER_NODES, *IMAGENET_NODES]
 
 paths.register()
 

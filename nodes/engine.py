@@ -32,20 +32,35 @@ def describe_t2i(path: str) -> dict:
             "layout": info.layout, "official_sizes": [list(s) for s in bd.OFFICIAL_SIZES]}
 
 
+def describe_split(main_model: str, text_encoder: str, vae: str, qwen_vocab: str, parallel_num: int | None) -> dict:
+    """describe_t2i for the split files (their headers; the tokenizer is built to check it)."""
+    split = read_split(main_model, text_encoder, vae, qwen_vocab, parallel_num)
+    return {"parallel_num": split.parallel_num, "downsample": split.ae.downsample, "latent_channels": split.ae.z_channels,
+            "layout": "split", "official_sizes": [list(s) for s in bd.OFFICIAL_SIZES]}
+
+
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names, in index order, as the engine ships them."""
     return bd.imagenet_class_names()
 
 
-def plan_t2i(path: str, free_bytes: int, device, dtype, weights: str, offload: str):
-    """The engine's decision (weights, offload mode, why) for a text-to-image model folder, from its
-    config files and the free device memory; raises BitDanceError when nothing asked for fits."""
-    return _runtime.plan_for(path, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
+def read_split(main_model: str, text_encoder: str, vae: str, qwen_vocab: str, parallel_num: int | None):
+    """The ComfyUI split files' configs, tokenizer and parallel_num (headers only, no weights);
+    qwen_vocab: ComfyUI's Qwen vocabulary folder (the tokenizer unless one sits beside the text
+    encoder); parallel_num None: from the weights."""
+    return bd.read_split_configs(main_model, text_encoder, vae, qwen_vocab=qwen_vocab, parallel_num=parallel_num)
 
 
-def load_t2i_planned(path: str, decision, device, dtype, attention: str):
-    """(pipeline, Offload or None), loaded as the decision says."""
-    return _runtime.load_planned(path, decision, device, dtype=dtype, attention=attention)
+def plan_t2i(source, free_bytes: int, device, dtype, weights: str, offload: str):
+    """The engine's decision (weights, offload mode, why) for a text-to-image model folder or the
+    split files (read_split), from its configs and the free device memory; raises BitDanceError
+    when nothing asked for fits."""
+    return _runtime.plan_for(source, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
+
+
+def load_t2i_planned(source, decision, device, dtype, attention: str):
+    """(pipeline, Offload or None), loaded as the decision says (a model folder or read_split's configs)."""
+    return _runtime.load_planned(source, decision, device, dtype=dtype, attention=attention)
 
 
 def check_generation(pipe, decision, height: int, width: int, num_images: int, cfg: float, free_bytes, prompt):

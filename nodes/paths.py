@@ -7,6 +7,10 @@ folders and asks the engine whether a candidate qualifies.
 The demo models shipped inside the engine (bitdance_core/demo_models/) are listed too, without
 copying, under the names `demo/<path inside demo_models>` (e.g. `demo/digits-t2i`,
 `demo/digits-imagenet/model.pt`), after the models on disk.
+
+The split model loader's files live in ComfyUI's own folders instead (diffusion_models,
+text_encoders, vae), listed and resolved through folder_paths as ComfyUI's loaders do; its prompt
+tokenizer comes from ComfyUI's Qwen vocabulary folder (comfy_qwen_vocab).
 """
 from __future__ import annotations
 
@@ -145,6 +149,31 @@ def list_checkpoints(suffixes=(".pt", ".pth")) -> list[str]:
             found.append(_rel(root, f))
     demos = [_demo_name(DEMO_IMAGENET)] if os.path.isfile(DEMO_IMAGENET) and DEMO_IMAGENET.endswith(suffixes) else []
     return _with_demos(found, demos)
+
+
+def comfy_qwen_vocab() -> str:
+    """ComfyUI's own Qwen tokenizer folder (vocab.json + merges.txt, byte-identical to Qwen3's and
+    so to BitDance's): the split loader's prompt tokenizer, without a download."""
+    import comfy
+
+    return os.path.join(next(iter(comfy.__path__)), "text_encoders", "qwen25_tokenizer")
+
+
+def list_split_files(folder_name: str) -> list[str]:
+    """A ComfyUI model folder's files (diffusion_models, text_encoders, vae; the legacy names unet and
+    clip are the same folders), as its own loaders list them."""
+    return folder_paths.get_filename_list(folder_name)
+
+
+def resolve_split_file(folder_name: str, name: str, what: str) -> str:
+    """The full path of a file chosen in a split-loader dropdown; a clear error naming the folder."""
+    if not isinstance(name, str) or not name.strip():
+        raise bd.BitDanceError(f"no {what} chosen (a file in models/{folder_name}/)")
+    try:
+        return folder_paths.get_full_path_or_raise(folder_name, name)
+    except FileNotFoundError as e:
+        raise bd.BitDanceError(f"{what} '{name}' not found in models/{folder_name}/ "
+                               f"({', '.join(folder_paths.get_folder_paths(folder_name))})") from e
 
 
 def resolve(name: str, what: str) -> str:

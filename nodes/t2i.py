@@ -65,21 +65,30 @@ class BitDanceModelLoader(io.ComfyNode):
     def execute(cls, model: str, dtype: str = "auto", attention: str = "auto", download: bool = False,
                 weights: str = "auto", offload: str = "auto", cuda_graphs: bool = False) -> io.NodeOutput:
         path = resolve_or_download(model, "model", download)
-        device = pick_device()
-        torch_dtype = pick_dtype(dtype, device)
-        # the engine decides (from the config files and the free memory) and says why
-        decision = plan_t2i(path, free_memory_for_planning(device), device, torch_dtype, weights, offload)
-        print(f"[BitDance] {model}: {decision.summary()}", flush=True)
-        make_room(path, device, torch_dtype, need=decision.plan.peak_bytes)
-        pipe, off = load_t2i_planned(path, decision, device, torch_dtype,
-                                     attention="sdpa" if attention == "auto" else attention)
-        if cuda_graphs:
-            enabled = enable_cuda_graphs(pipe)  # after the offload hooks
-            print(f"[BitDance] {model}: CUDA graphs {'on' if enabled else 'off (no CUDA device)'}", flush=True)
-        managed = Managed(pipe, {"backbone": pipe.backbone, "head": pipe.head, "projector": pipe.projector,
-                                 "autoencoder": pipe.autoencoder}, device, os.path.realpath(path), model,
-                          offload=off, memory=decision)
-        return io.NodeOutput(managed, Tokenizer(pipe.autoencoder, managed))
+        return io.NodeOutput(*load_t2i_managed(path, model, os.path.realpath(path), dtype, attention, weights, offload,
+                                               cuda_graphs))
+
+
+def load_t2i_managed(source, name: str, key: str, dtype: str, attention: str, weights: str, offload: str,
+                     cuda_graphs: bool) -> tuple[Managed, Tokenizer]:
+    """The model loaders' common part: the engine plans (weights, offload) for the free memory and
+    says why, ComfyUI makes room, the engine loads, and ComfyUI gets the model to manage.
+    source: a model folder or the split files' configs (engine.read_split); key: what a
+    conditioning made with this model must match."""
+    device = pick_device()
+    torch_dtype = pick_dtype(dtype, device)
+    # the engine decides (from the configs and the free memory) and says why
+    decision = plan_t2i(source, free_memory_for_planning(device), device, torch_dtype, weights, offload)
+    print(f"[BitDance] {name}: {decision.summary()}", flush=True)
+    make_room(key, device, torch_dtype, need=decision.plan.peak_bytes)  # need given: `key` is not read as a path
+    pipe, off = load_t2i_planned(source, decision, device, torch_dtype,
+                                 attention="sdpa" if attention == "auto" else attention)
+    if cuda_graphs:
+        enabled = enable_cuda_graphs(pipe)  # after the offload hooks
+        print(f"[BitDance] {name}: CUDA graphs {'on' if enabled else 'off (no CUDA device)'}", flush=True)
+    managed = Managed(pipe, {"backbone": pipe.backbone, "head": pipe.head, "projector": pipe.projector,
+                             "autoencoder": pipe.autoencoder}, device, key, name, offload=off, memory=decision)
+    return managed, Tokenizer(pipe.autoencoder, managed)
 
 
 def resolve_or_download(name: str, what: str, download: bool) -> str:

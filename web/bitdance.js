@@ -2,41 +2,53 @@
 //
 // The sampler node gets a "preset" dropdown (not saved into prompts or workflows: it only sets
 // width and height). Its entries are the official BitDance sizes that the model wired into the
-// sampler can make (sizes must divide by its block: 128 px for 64x models, 64 px for 16x), each
+// sampler (by the Model Loader or the Split Model Loader) can make (sizes must divide by its block: 128 px for 64x models, 64 px for 16x), each
 // labelled with the number of AR steps it takes. Under the widgets the node shows the AR step
 // count of the current width x height, or why that size does not work with this model.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const SAMPLER = "BitDanceARSampler";
-const LOADER = "BitDanceModelLoader";
+// loader -> the widgets that name its model (the query of /bitdance/model_info)
+const LOADERS = {
+  BitDanceModelLoader: ["model"],
+  BitDanceSplitModelLoader: ["main_model", "text_encoder", "vae", "parallel_num"],
+};
 const CUSTOM = "custom";
-const infoCache = new Map(); // model name -> Promise<info>
+const infoCache = new Map(); // model query -> Promise<info>
 
-function modelInfo(name) {
-  if (!infoCache.has(name)) {
+function modelInfo(query) {
+  if (!infoCache.has(query)) {
     const p = api
-      .fetchApi(`/bitdance/model_info?model=${encodeURIComponent(name)}`)
+      .fetchApi(`/bitdance/model_info?${query}`)
       .then((r) => r.json())
       .catch((e) => ({ available: false, error: String(e) }));
-    infoCache.set(name, p);
+    infoCache.set(query, p);
   }
-  return infoCache.get(name);
+  return infoCache.get(query);
 }
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
 }
 
-// The model name chosen in the loader wired (directly) into this sampler's "model" input.
+// The model chosen in the loader wired (directly) into this sampler's "model" input, as the query
+// that asks the server about it (e.g. "model=BitDance-14B-64x").
 function connectedModel(node) {
   const input = node.inputs?.find((i) => i.name === "model");
   if (!input || input.link == null) return null;
   const link = node.graph?.links?.[input.link] ?? node.graph?.links?.get?.(input.link);
   if (!link) return null;
   const src = node.graph.getNodeById(link.origin_id);
-  if (!src || (src.comfyClass ?? src.type) !== LOADER) return null;
-  return widget(src, "model")?.value ?? null;
+  const names = src && LOADERS[src.comfyClass ?? src.type];
+  if (!names) return null;
+  const query = new URLSearchParams();
+  for (const name of names) {
+    const value = widget(src, name)?.value;
+    if (value == null) return null;
+    query.set(name, String(value));
+  }
+  return query.toString();
 }
 
 export function geometry(info) {
@@ -93,8 +105,8 @@ function syncPreset(node) {
 
 function statusText(node) {
   const b = node.bitdance;
-  if (!b.model) return "connect a BitDance Model Loader";
-  if (!b.info) return b.error ? `model not on disk: ${b.model}` : "…";
+  if (!b.model) return "connect a BitDance model loader";
+  if (!b.info) return b.error ? `model not available: ${b.error}` : "…";
   const w = widget(node, "width").value;
   const h = widget(node, "height").value;
   const steps = arSteps(b.info, w, h);

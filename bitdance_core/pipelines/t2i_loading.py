@@ -131,6 +131,28 @@ def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig)
         return Qwen3Backbone(llm), DiffusionHead(head), Projector(ae.z_channels, llm.hidden_size), build_autoencoder(ae)
 
 
+def materialize_parts(parts, weights: str, device, dtype, include: Callable[[str, nn.Linear], bool] | None = None,
+                      matmul: str = "dequant") -> None:
+    """Fill meta-device modules from their weight sources as `weights` says; shared by model folders
+    and the ComfyUI split files (comfy_split.py), so a weights format is added in one place.
+
+    parts: (module, source, name, keys not ours, quantisable) per module; "as-is" reads every tensor
+    in `dtype` (fp8 tensors of a source seen through the fp8 conventions are widened), "fp8" stores
+    the quantisable modules' big linears as fp8 (an e4m3 tensor with its scale kept as it is)."""
+    require(weights in WEIGHTS, f"weights '{weights}' unknown; use one of {list(WEIGHTS)}")
+    fp8 = weights == "fp8"
+    if fp8:  # files may hold fp8 tensors with scale siblings: seen through the fp8 conventions
+        parts = [(m, as_fp8_source(src), what, ign, q) for m, src, what, ign, q in parts]
+    # Check every file before reading any weights: a bad shard should fail in a second, not after 30 GB.
+    for module, src, what, ignore, _ in parts:
+        check_keys(module, src, what, ignore)
+    for module, src, what, ignore, quantisable in parts:
+        if fp8 and quantisable:
+            materialize_fp8(module, src, what, device, dtype, ignore, include, matmul)
+        else:
+            materialize(module, src, what, device, dtype, ignore)
+
+
 def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdpa", weights: str = "as-is",
              configs: T2IConfigs | None = None, matmul: str = "dequant",
              include: Callable[[str, nn.Linear], bool] | None = None) -> T2IPipeline:
@@ -145,21 +167,12 @@ def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdp
     codec = load_prompt_codec(files.tokenizer_folder)
     backbone, head, projector, ae = build_t2i_modules(*cfg.parts)
     fp8 = weights == "fp8"
-    # (module, weights, name, keys not ours, quantised)
-    sources = [(backbone, open_sharded(files.llm_folder), "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS, fp8),
-               (head, open_safetensors([files.head_weights]), "diffusion head", (), fp8),
-               (projector, open_safetensors([files.projector_weights]), "projector", (), False),
-               (ae, open_safetensors([files.ae_weights]), "autoencoder", (), False)]
-    if fp8:  # files may hold fp8 tensors with scale siblings: seen through the fp8 conventions
-        sources = [(m, as_fp8_source(src), what, ign, q) for m, src, what, ign, q in sources]
-    # Check every file before reading any weights: a bad shard should fail in a second, not after 30 GB.
-    for module, src, what, ignore, _ in sources:
-        check_keys(module, src, what, ignore)
-    for module, src, what, ignore, quantised in sources:
-        if quantised:
-            materialize_fp8(module, src, what, device, dtype, ignore, include, matmul)
-        else:
-            materialize(module, src, what, device, dtype, ignore)
+    # (module, weights, name, keys not ours, quantisable)
+    materialize_parts([(backbone, open_sharded(files.llm_folder), "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS, True),
+                       (head, open_safetensors([files.head_weights]), "diffusion head", (), True),
+                       (projector, open_safetensors([files.projector_weights]), "projector", (), False),
+                       (ae, open_safetensors([files.ae_weights]), "autoencoder", (), False)],
+                      weights, device, dtype, include, matmul)
     backbone.set_attention(attention)
     head.set_attention(attention)
     name = os.path.basename(os.path.normpath(path)) + (" (fp8)" if fp8 else "")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BitDanceError, require
+from ..pipelines.comfy_split import SplitConfigs, load_split
 from ..pipelines.t2i_loading import T2IConfigs, load_t2i, read_t2i_configs
 from .offload import apply_offload
 from .planner import GiB, MemoryPlan, _candidate_plans, _fastest, estimate, estimate_pipeline, usable_bytes
@@ -37,7 +38,7 @@ class LoadDecision:
     num_images: int
     cfg: float
     requested: tuple[str, str] = ("auto", "auto")  # (weights, offload) as asked
-    configs: T2IConfigs | None = None  # the folder's configs, read once and handed on to the load
+    configs: T2IConfigs | SplitConfigs | None = None  # the model's configs, read once and handed on to the load
 
     @property
     def resident_layers(self) -> int | None:
@@ -83,7 +84,8 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
     `num_images`, `cfg` fits `free_bytes` of device memory (less `margin` and `reserve_bytes`).
 
     source: a model folder (only its config files are read, once: the decision carries them on to
-    `load_planned`), its T2IConfigs, or its (llm, head, ae) configs.
+    `load_planned`), its T2IConfigs, the ComfyUI split files' SplitConfigs (comfy_split.read_split_configs),
+    or (llm, head, ae) configs.
     weights: "auto" | "as-is" | "fp8"; offload: "auto" | "none" | "stage" | "stream".
 
     On a GPU, "auto" weights are as-is unless as-is does not fit (with offload "auto": without
@@ -102,6 +104,9 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
         llm, head, ae = configs.parts
     elif isinstance(source, T2IConfigs):
         name, configs = os.path.basename(os.path.normpath(source.path)), source
+        llm, head, ae = configs.parts
+    elif isinstance(source, SplitConfigs):
+        name, configs = source.name, source
         llm, head, ae = configs.parts
     else:
         name = "the model"
@@ -180,14 +185,21 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
     raise BitDanceError(msg)
 
 
-def load_planned(path: str, decision: LoadDecision, device, dtype=torch.bfloat16, attention: str = "sdpa"):
-    """Load a text-to-image model as `decision` says: (pipeline, Offload or None). Offloaded models
-    are read into CPU memory and get `offload.apply_offload` hooks that bring parts to `device`."""
-    configs = decision.configs if decision.configs is not None and _same_folder(decision.configs, path) else None
+def load_planned(source, decision: LoadDecision, device, dtype=torch.bfloat16, attention: str = "sdpa"):
+    """Load a text-to-image model as `decision` says: (pipeline, Offload or None). source: a model
+    folder or the split files' SplitConfigs. Offloaded models are read into CPU memory and get
+    `offload.apply_offload` hooks that bring parts to `device`."""
+    if isinstance(source, SplitConfigs):
+        def load(dev):
+            return load_split(source, device=dev, dtype=dtype, weights=decision.weights, attention=attention)
+    else:
+        configs = decision.configs if isinstance(decision.configs, T2IConfigs) and _same_folder(decision.configs, source) else None
+
+        def load(dev):
+            return load_t2i(source, device=dev, dtype=dtype, attention=attention, weights=decision.weights, configs=configs)
     if decision.offload == "none":
-        return load_t2i(path, device=device, dtype=dtype, attention=attention, weights=decision.weights,
-                        configs=configs), None
-    pipe = load_t2i(path, device="cpu", dtype=dtype, attention=attention, weights=decision.weights, configs=configs)
+        return load(device), None
+    pipe = load("cpu")
     off = apply_offload(pipe, decision.offload, device, budget_bytes=decision.budget_bytes,
                         resident_layers=decision.resident_layers)
     return pipe, off

@@ -96,6 +96,22 @@ try {
       result.ui_workflows[uiPath] = diffs;
     }
 
+    // 1b. the web extension follows the split loader too (its three files and parallel_num)
+    if (cfg.split_ui) {
+      const splitUi = JSON.parse(fs.readFileSync(cfg.split_ui, "utf8"));
+      await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, splitUi);
+      await page.waitForFunction(() => {
+        const n = window.app.graph._nodes.find((n) => n.comfyClass === "BitDanceARSampler");
+        window.app.graph.setDirtyCanvas(true, true);
+        return n?.bitdance?.presets?.length > 0 && n.bitdance.status;
+      }, null, { timeout: 30000 });
+      result.split_web = await page.evaluate(() => {
+        const n = window.app.graph._nodes.find((n) => n.comfyClass === "BitDanceARSampler");
+        return { presets: n.bitdance.presets.map((p) => p.label), parallel_num: n.bitdance.info.parallel_num,
+                 status: n.bitdance.status };
+      });
+    }
+
     // 2. the tiny workflow, loaded like a dropped file
     const ui = JSON.parse(fs.readFileSync(cfg.run, "utf8"));
     await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, ui);

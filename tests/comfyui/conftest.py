@@ -1,8 +1,10 @@
 """A real ComfyUI 0.3.75 server for the node-pack tests, one per test session.
 
 scripts/setup_comfyui.sh installs it into .comfyui/. The server runs on the CPU on a free loopback
-port with its own --base-directory (a temp dir): the pack is linked into custom_nodes/ and the tiny
-fixture models of ../shared/fixtures into models/bitdance/.
+port with its own --base-directory (a temp dir): the pack is linked into custom_nodes/, the tiny
+fixture models of ../shared/fixtures into models/bitdance/, and split files made from the tiny
+text-to-image fixture (tests/split_files.py: fp8, fp32 and a Qwen-sized vocabulary) into
+models/diffusion_models/, text_encoders/ and vae/ as tiny_<kind>_main / _text_encoder / _vae.safetensors.
 
 Opt-in, for another ComfyUI (scripts/check_latest_comfyui.sh): BITDANCE_COMFYUI_DIR names a ComfyUI
 checkout to serve instead of .comfyui/, and BITDANCE_COMFYUI_PYTHON the interpreter (its own venv)
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from comfy_client import ComfyClient  # noqa: E402
 from run_workflow import free_port, stop_server, tail  # noqa: E402  (the demo command's own helpers)
 from helpers import UNIWETOK  # noqa: E402
+from split_files import KINDS, write_split  # noqa: E402  (tests/: on the pytest pythonpath)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMFY_DIR = os.path.abspath(os.environ.get("BITDANCE_COMFYUI_DIR") or os.path.join(REPO, ".comfyui"))
@@ -61,6 +64,20 @@ def _place_models(models_dir: str) -> None:
         f.write(head)
 
 
+# split-file slot -> ComfyUI model folder (the tokenizer, when there is one, sits beside the text encoder)
+SPLIT_FOLDERS = {"main_model": "diffusion_models", "text_encoder": "text_encoders", "tokenizer": "text_encoders",
+                 "vae": "vae"}
+
+
+def _place_split_files(models_dir: str, staging: str) -> None:
+    """tiny_<kind>_{main,text_encoder,vae}.safetensors in ComfyUI's folders, from the tiny T2I fixture."""
+    for kind in KINDS:
+        for slot, path in write_split(MODELS["t2i-tiny-p16"], staging, f"tiny_{kind}", kind).items():
+            folder = os.path.join(models_dir, SPLIT_FOLDERS[slot])
+            os.makedirs(folder, exist_ok=True)
+            shutil.move(path, os.path.join(folder, os.path.basename(path)))
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """A running ComfyUI with the pack and the fixture models; yields a ComfyClient."""
@@ -75,6 +92,7 @@ def comfy(tmp_path_factory):
         os.makedirs(os.path.join(base, d), exist_ok=True)
     os.symlink(REPO, os.path.join(base, "custom_nodes", PACK_NAME))
     _place_models(os.path.join(base, "models"))
+    _place_split_files(os.path.join(base, "models"), str(tmp_path_factory.mktemp("split_staging")))
 
     port = free_port()
     log_path = os.path.join(base, "comfyui.log")

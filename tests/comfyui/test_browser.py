@@ -55,13 +55,21 @@ def test_write_ui_workflows(comfy, upload_example, tmp_path):
     os.symlink(os.path.join(bitdance, "ae-tiny", "ae_config.json"), os.path.join(made[1], "ae_d16c32_config.json"))
     os.symlink(os.path.join(bitdance, "uniwetok-tiny", "uniwetok.pt"), os.path.join(made[2], "uniwetok.pt"))
     os.symlink(os.path.join(bitdance, "uniwetok-tiny", "config.json"), os.path.join(made[2], "config.json"))
+    # the community split files' names, backed by the tiny fp8 split files
+    models = os.path.join(comfy.base, "models")
+    for folder, community, tiny in (("diffusion_models", "BitDance_14B_MainModel_FP8", "tiny_fp8_main"),
+                                    ("text_encoders", "BitDance_TextEncoder_FP8", "tiny_fp8_text_encoder"),
+                                    ("vae", "BitDance_VAE_FP16", "tiny_fp8_vae")):
+        link = os.path.join(models, folder, community + ".safetensors")
+        os.symlink(os.path.join(models, folder, tiny + ".safetensors"), link)
+        made.append(link)
     try:
         pairs = [[api, ui] for ui, api in _pairs()]
         pairs += [[p, p.replace(".api.json", ".json")] for p in sorted(glob.glob(os.path.join(TEST_WORKFLOWS, "*.api.json")))]
         out = _drive(comfy, "convert", {"convert": pairs}, tmp_path)
     finally:
         for d in made:
-            shutil.rmtree(d)
+            shutil.rmtree(d) if os.path.isdir(d) and not os.path.islink(d) else os.remove(d)
     assert out["converted"] == len(pairs)
 
 
@@ -83,9 +91,11 @@ def test_browser(comfy, upload_example, tmp_path):
         os.remove(shot)
     out = _drive(comfy, "test", {
         "screenshot": shot,
-        "ui_workflows": [list(p) for p in _pairs()] + [[os.path.join(TEST_WORKFLOWS, "tiny_t2i.json"),
-                                                         os.path.join(TEST_WORKFLOWS, "tiny_t2i.api.json")]],
+        "ui_workflows": [list(p) for p in _pairs()] + [[os.path.join(TEST_WORKFLOWS, f"{n}.json"),
+                                                         os.path.join(TEST_WORKFLOWS, f"{n}.api.json")]
+                                                        for n in ("tiny_t2i", "tiny_t2i_split")],
         "run": os.path.join(TEST_WORKFLOWS, "tiny_t2i.json"),
+        "split_ui": os.path.join(TEST_WORKFLOWS, "tiny_t2i_split.json"),
     }, tmp_path)
     assert out["extension_loaded"], out
     assert not out["console_errors"], out["console_errors"]
@@ -98,6 +108,10 @@ def test_browser(comfy, upload_example, tmp_path):
     assert web["after_preset"]["status"].startswith("64 AR steps")
     assert web["after_typing"] == {"preset": "custom", "status": "16 AR steps · 16 tokens per step"}
     assert web["preset_in_prompt"] is False
+    # the split loader's model, read from its files' headers (16 tokens per step: the tiny fixture)
+    split = out["split_web"]
+    assert split["parallel_num"] == 16 and split["presets"] == web["presets"]
+    assert split["status"] == "16 AR steps · 16 tokens per step"
     assert out["output"]["width"] == 256 and out["output"]["height"] == 256 and "/view?" in out["output"]["src"]
     assert out["new_prompts"] == 1
     assert os.path.getsize(shot) > 10_000

@@ -22,9 +22,16 @@ MODEL_MAP = {
     "BitDance-Tokenizer/ae_d16c32.safetensors": "ae-tiny",
     "UniWeTok/uniwetok.pt": "uniwetok-tiny/uniwetok.pt",
 }
+# the community split files -> the tiny ones conftest made from the fixture (models/diffusion_models, ...)
+SPLIT_MAP = {
+    "BitDance_14B_MainModel_FP8.safetensors": "tiny_fp8_main.safetensors",
+    "BitDance_TextEncoder_FP8.safetensors": "tiny_fp8_text_encoder.safetensors",
+    "BitDance_VAE_FP16.safetensors": "tiny_fp8_vae.safetensors",
+}
 
 
 MODEL_KEYS = ("model", "checkpoint", "tokenizer")
+SPLIT_KEYS = ("main_model", "text_encoder", "vae")
 
 
 def is_demo(wf: dict) -> bool:
@@ -57,6 +64,10 @@ def tiny_version(wf: dict) -> tuple[dict, list[tuple[int, int]]]:
             if isinstance(ins.get(key), str):
                 assert ins[key] in MODEL_MAP, f"{ct}.{key} = {ins[key]!r}: not a released name this test knows"
                 ins[key] = MODEL_MAP[ins[key]]
+        if ct == "BitDanceSplitModelLoader":
+            for key in SPLIT_KEYS:
+                assert ins[key] in SPLIT_MAP, f"{ct}.{key} = {ins[key]!r}: not a community file this test knows"
+                ins[key] = SPLIT_MAP[ins[key]]
         if ct == "BitDanceARSampler":
             ins.update(width=128, height=ins["height"] * 128 // ins["width"], steps=2)
             expect += [(ins["width"], ins["height"])] * ins["batch_size"]
