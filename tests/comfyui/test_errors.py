@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 from helpers import node_of, tiny_t2i
 
@@ -23,18 +22,14 @@ def test_interrupt_ends_sampling_within_one_block_and_the_next_prompt_runs(comfy
     def on_message(t, d):
         if t == "progress" and d.get("node") == sampler_id and d["value"] >= 3 and "at" not in seen:
             seen["at"] = d["value"]
-            seen["t"] = time.time()
             comfy.interrupt()
 
-    t0 = time.time()
-    prompt_id, msgs, _ = comfy.run_watching(wf, timeout=300, on_message=on_message)
-    assert msgs[-1][0] == "execution_interrupted", [m[0] for m in msgs[-5:]]
+    entry, msgs, _ = comfy.run_watching(wf, timeout=300, on_message=on_message)
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]], entry["status"]
     values = [d["value"] for t, d in msgs if t == "progress" and d.get("node") == sampler_id]
     assert values[-1] <= seen["at"] + 1, f"interrupt asked at block {seen['at']}, sampling went on to {values[-1]}"
     assert values[-1] < 256
-    entry = comfy.wait(prompt_id)
-    assert entry["status"]["status_str"] == "error"
-    assert time.time() - t0 < 120
     # the server carries on
     after = comfy.run(tiny_t2i(seed=6))
     assert after["status"]["status_str"] == "success"
