@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -53,20 +54,33 @@ def save_outputs(pixels_u8: np.ndarray, bits: torch.Tensor, args) -> None:
             print(path)
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help shows each option's default, where it has one (not for required or on/off options)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _add_common(p, out=True):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
     if out:
         p.add_argument("--out", default=None, help="PNG path (IMG_0.png, IMG_1.png, ... for several images)")
-        p.add_argument("--pixels-npy", default=None)
-        p.add_argument("--tokens-npy", default=None)
+        p.add_argument("--pixels-npy", default=None, help="pixels as uint8 [B, H, W, 3]")
+        p.add_argument("--tokens-npy", default=None, help="bits as float32 ±1 [B, C, H/f, W/f]")
 
 
 def cmd_t2i(args):
     from .fitting import load_planned, plan_for
     from .graphs import enable_compile, enable_graphs
     from .images import to_uint8
+    from .t2i import describe_t2i
 
+    info = describe_t2i(args.model)
+    info.check_size(args.height, args.width)  # from the config files and tokenizer: before any weights are read
     dev, dtype = _device_dtype(args)
     # weights and offload for this size and batch, against the GPU's free memory (auto: as stored, no
     # offload, when that fits; on the CPU auto is always that)
@@ -74,14 +88,23 @@ def cmd_t2i(args):
     decision = plan_for(args.model, free, device=dev, height=args.height, width=args.width, num_images=args.num_images,
                         cfg=args.cfg, dtype=dtype, weights=args.weights, offload=args.offload)
     print(f"[bitdance] {decision.summary()}", file=sys.stderr)
+    if args.dry_run:
+        print(f"[bitdance] {info.name}: {args.width}x{args.height} is {info.ar_steps(args.height, args.width)} "
+              f"AR steps of {info.parallel_num} tokens; --dry-run: nothing loaded", file=sys.stderr)
+        return
     pipe, _offload = load_planned(args.model, decision, dev, dtype=dtype, attention=args.attention)
     if args.graphs:
         enable_graphs(pipe)  # after the offload hooks; a no-op on the CPU
     if args.compile:
         enable_compile(pipe)  # GPU only
+    start = time.perf_counter()
     bits = pipe.generate(pipe.encode_prompt(args.prompt, args.negative_prompt), args.height, args.width, args.steps,
                          args.cfg, args.num_images, args.seed, callback=_progress("blocks"))
-    save_outputs(to_uint8(pipe.decode(bits)).numpy(), bits, args)
+    pixels = to_uint8(pipe.decode(bits)).numpy()
+    n = args.num_images
+    print(f"[bitdance] generated {n} image{'s' if n != 1 else ''} of {args.width}x{args.height} in "
+          f"{time.perf_counter() - start:.2f} s (sampling and decoding)", file=sys.stderr)
+    save_outputs(pixels, bits, args)
 
 
 def cmd_tokenizer(args):
@@ -113,27 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bitdance_core", description="BitDance engine")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("t2i", help="text to image")
+    p = sub.add_parser("t2i", help="text to image", formatter_class=ShowDefaults)
     p.add_argument("--model", required=True, help="model folder (official or diffusers layout)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default=None, help="replaces the official unconditional prompt")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"])
+    p.add_argument("--height", type=int, default=1024, help="px; a size the model makes (an error lists them)")
+    p.add_argument("--width", type=int, default=1024, help="px")
+    p.add_argument("--steps", type=int, default=50, help="diffusion-head steps per AR block")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (1 or less: no guidance)")
+    p.add_argument("--num-images", type=int, default=1, help="images in the batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"], help="attention kernels")
     p.add_argument("--weights", default="auto", choices=["auto", "as-is", "fp8"],
                    help="fp8: backbone and head linears in float8 (auto: fp8 only where as-is does not fit the GPU)")
     p.add_argument("--offload", default="auto", choices=["auto", "none", "stage", "stream"],
                    help="auto: the fastest mode that fits the GPU's free memory for this size and batch")
     p.add_argument("--graphs", action="store_true", help="CUDA graphs for the head's sampling loop and the block step")
     p.add_argument("--compile", action="store_true", help="torch.compile the head and the backbone (GPU)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the size against the model and print the memory plan (config files and tokenizer only), "
+                        "then stop without loading the weights")
     _add_common(p)
     p.set_defaults(func=cmd_t2i)
 
-    p = sub.add_parser("tokenizer", help="binary tokenizer encode / decode")
+    p = sub.add_parser("tokenizer", help="binary tokenizer encode / decode", formatter_class=ShowDefaults)
     p.add_argument("action", choices=["encode", "decode"])
     p.add_argument("--model", required=True, help="folder with ae_config.json + ae.safetensors, or an ae_*.safetensors")
     p.add_argument("--image-npy", default=None)

@@ -16,6 +16,7 @@ import torch
 
 from .autoencoder import AutoencoderConfig, BinaryAutoencoder, build_autoencoder
 from .checkpoints import materialize, open_safetensors, open_sharded, read_json
+from .cpu_threads import generation_threads
 from .errors import BitDanceError, require
 from .head import DiffusionHead, HeadConfig
 from .positions import blocks_to_raster, sincos_2d_blocks
@@ -23,13 +24,7 @@ from .projector import Projector
 from .prompts import PromptCodec, PromptTokens, load_prompt_codec
 from .qwen3 import KVCache, Qwen3Backbone, Qwen3Config
 from .sampler import SAMPLERS
-
-# The official [height, width] list (modeling/t2i_pipeline.py): the presets.
-OFFICIAL_SIZES = [
-    (2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024), (896, 1152), (768, 1280),
-    (640, 1536), (512, 1920), (512, 2048),
-    (1024, 256), (896, 256), (640, 384), (512, 512), (384, 640), (256, 896), (256, 1024),
-]
+from .sizes import OFFICIAL_SIZES, SizeRule, max_res_token
 
 Callback = Callable[[int, int, torch.Tensor], None]
 
@@ -84,6 +79,7 @@ class T2IPipeline:
         self.latent_channels = autoencoder.config.z_channels
         self.downsample = autoencoder.downsample
         self.samplers = dict(SAMPLERS)  # per pipeline, so accelerations (graphs.py) can wrap them
+        self.size_rule = SizeRule(self.downsample, self.parallel_num, max_res_token(codec.has_token))
 
     @property
     def block_pixels(self) -> int:
@@ -91,27 +87,34 @@ class T2IPipeline:
 
     @property
     def supported_sizes(self) -> list[tuple[int, int]]:
-        return [s for s in OFFICIAL_SIZES if s[0] % self.block_pixels == 0 and s[1] % self.block_pixels == 0]
+        """The sizes this model offers (sizes.py): the official ones first where it makes them all."""
+        return self.size_rule.sizes
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptTokens:
         return self.codec.encode_prompt(prompt, negative_prompt)
 
     def check_size(self, height: int, width: int) -> None:
-        bp = self.block_pixels
-        for v, what in ((height, "height"), (width, "width")):
-            if not isinstance(v, int) or v <= 0 or v % bp:
-                raise BitDanceError(f"{what} {v} is not supported: it must be a positive multiple of {bp} px for this "
-                                    f"{self.parallel_num}-token-per-step model (e.g. {', '.join(f'{h}x{w}' for h, w in self.supported_sizes[:4])})")
+        self.size_rule.check(height, width, self.name or "this model")
         self.codec.image_prefix(height // self.downsample, width // self.downsample, self.parallel_num)
-        if (height, width) not in OFFICIAL_SIZES:
-            warnings.warn(f"{height}x{width} is not one of the official BitDance sizes; it runs, but quality is not guaranteed")
+        if self.size_rule.has_official_sizes and (height, width) not in OFFICIAL_SIZES:
+            warnings.warn(f"{width}x{height} is not one of the official BitDance sizes; it runs, "
+                          "but quality is not guaranteed")
 
-    @torch.no_grad()
     def generate(self, prompt: PromptTokens | str, height: int = 1024, width: int = 1024, steps: int = 50,
                  cfg: float = 7.5, num_images: int = 1, seed: int = 0, negative_prompt: str | None = None,
                  sampler: str = "euler_maruyama", callback: Callback | None = None,
                  batched_cfg: bool = True) -> torch.Tensor:
         """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32)."""
+        guided = isinstance(cfg, (int, float)) and cfg > 1.0
+        rows = self.parallel_num * (num_images if isinstance(num_images, int) else 1) * (2 if guided else 1)
+        width_of_ops = max(self.backbone.config.hidden_size, self.head.config.ch_latent)
+        with generation_threads(self.device, rows, width_of_ops):  # small models: fewer CPU threads
+            return self._generate(prompt, height, width, steps, cfg, num_images, seed, negative_prompt, sampler,
+                                  callback, batched_cfg)
+
+    @torch.no_grad()
+    def _generate(self, prompt, height, width, steps, cfg, num_images, seed, negative_prompt, sampler, callback,
+                  batched_cfg) -> torch.Tensor:
         if isinstance(prompt, str):
             prompt = self.encode_prompt(prompt, negative_prompt)
         require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
@@ -212,32 +215,40 @@ class BackboneRun:
 
 @dataclass
 class T2IInfo:
-    """What a model folder makes, read from its config files only (no weights)."""
+    """What a model folder makes, read from its config files and tokenizer only (no weights)."""
 
     layout: str
     parallel_num: int
     downsample: int
     latent_channels: int
     hidden_size: int
+    size_rule: SizeRule
+    name: str = ""
 
     @property
     def block_pixels(self) -> int:
-        return int(round(math.sqrt(self.parallel_num))) * self.downsample
+        return self.size_rule.block_pixels
 
     @property
     def supported_sizes(self) -> list[tuple[int, int]]:
-        bp = self.block_pixels
-        return [s for s in OFFICIAL_SIZES if s[0] % bp == 0 and s[1] % bp == 0]
+        return self.size_rule.sizes
+
+    def check_size(self, height: int, width: int) -> None:
+        """What the pipeline checks before sampling, without loading it."""
+        self.size_rule.check(height, width, self.name or "this model")
 
     def ar_steps(self, height: int, width: int) -> int:
-        return (height // self.downsample) * (width // self.downsample) // self.parallel_num
+        return self.size_rule.ar_steps(height, width)
 
 
 def describe_t2i(path: str) -> T2IInfo:
     files = ModelFiles.find(path)
     head = HeadConfig.from_json(read_json(files.head_config), files.head_config)
     ae = AutoencoderConfig.from_json(read_json(files.ae_config), files.ae_config)
-    return T2IInfo(files.layout, head.parallel_num, ae.downsample, ae.z_channels, head.ch_cond)
+    codec = load_prompt_codec(files.tokenizer_folder)
+    rule = SizeRule(ae.downsample, head.parallel_num, max_res_token(codec.has_token))
+    return T2IInfo(files.layout, head.parallel_num, ae.downsample, ae.z_channels, head.ch_cond, rule,
+                   os.path.basename(os.path.normpath(path)))
 
 
 def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig):

@@ -9,6 +9,8 @@ from ..bitdance_core import find_autoencoder_files  # noqa: F401  (tokenizer fil
 from ..bitdance_core import demo_models as _demo
 from ..bitdance_core import fitting as _fitting
 from ..bitdance_core import graphs as _graphs
+from ..bitdance_core import imagenet_info as _imagenet_info
+from ..bitdance_core.imagenet_classes import class_label, parse_class_label  # noqa: F401  (how classes are listed)
 from ..bitdance_core.t2i import ModelFiles
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
@@ -28,10 +30,15 @@ def find_t2i_files(path: str):
 
 
 def describe_t2i(path: str) -> dict:
-    """What the web extension needs to offer sizes, read from the model's config files only."""
+    """What a text-to-image model makes, from its config files and tokenizer (no weights): the sizes
+    to offer ([height, width], the official ones where it makes them all), its block, its largest
+    side, and the size the loader plans memory for."""
     info = bd.describe_t2i(path)
+    rule = info.size_rule
     return {"parallel_num": info.parallel_num, "downsample": info.downsample, "latent_channels": info.latent_channels,
-            "layout": info.layout, "official_sizes": [list(s) for s in bd.OFFICIAL_SIZES]}
+            "layout": info.layout, "block_pixels": rule.block_pixels, "max_side": rule.max_side,
+            "sizes": [list(s) for s in rule.sizes], "official_sizes": rule.has_official_sizes,
+            "reference_size": list(rule.reference_size), "summary": rule.summary()}
 
 
 def imagenet_class_names() -> list[str]:
@@ -39,10 +46,18 @@ def imagenet_class_names() -> list[str]:
     return bd.imagenet_class_names()
 
 
-def plan_t2i(path: str, free_bytes: int, device, dtype, weights: str, offload: str):
-    """The engine's decision (weights, offload mode, why) for a text-to-image model folder, from its
-    config files and the free device memory; raises BitDanceError when nothing asked for fits."""
-    return _fitting.plan_for(path, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
+def imagenet_classes(checkpoint: str) -> list[str]:
+    """A class-conditional checkpoint's classes as the sampler lists them ('207: golden retriever';
+    '7' for the digits demo), from its tensor shapes (no model built)."""
+    return _imagenet_info.describe_imagenet(checkpoint).class_labels
+
+
+def plan_t2i(path: str, free_bytes: int, device, dtype, weights: str, offload: str, height: int, width: int):
+    """The engine's decision (weights, offload mode, why) for a text-to-image model folder and one
+    image of height x width, from its config files and the free device memory; raises BitDanceError
+    when nothing asked for fits."""
+    return _fitting.plan_for(path, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload,
+                             height=height, width=width)
 
 
 def load_t2i_planned(path: str, decision, device, dtype, attention: str):

@@ -1,20 +1,27 @@
 """Dropdown values checked when a prompt is queued (400 with node_errors), not at run time.
 
-ComfyUI 0.3.75 does not check V3 combo values itself, so each node with dropdowns checks them in
-its validate_inputs against the options it offers now (the model lists follow the disk).
+ComfyUI 0.3.75 does not check V3 combo values itself, so a node checks the dropdowns that list
+files (they follow the disk) in its validate_inputs, against the options it offers now. ComfyUI
+reports a failed validate_inputs once for every input the function takes, so each node's
+validate_inputs takes only the one input it checks: each problem appears once. A missing file of a
+released model is reported with the command that downloads it.
 """
 from __future__ import annotations
 
 from comfy_api.latest import io
 
+from . import paths
 
-def check_combos(node_cls, **values) -> bool | str:
-    problems = []
-    for inp in node_cls.define_schema().inputs or []:
-        if not isinstance(inp, io.Combo.Input) or values.get(inp.id) is None:
-            continue
-        value = values[inp.id]
-        if value not in inp.options:
-            shown = inp.options if len(inp.options) <= 12 else inp.options[:12] + ["..."]
-            problems.append(f"{inp.id} '{value}' is not available; choose one of {shown}")
-    return "; ".join(problems) if problems else True
+
+def check_combo(node_cls, input_id: str, value) -> bool | str:
+    if value is None:
+        return True
+    (inp,) = [i for i in node_cls.define_schema().inputs or [] if i.id == input_id]
+    assert isinstance(inp, io.Combo.Input), input_id
+    if value in inp.options:
+        return True
+    hint = paths.download_hint(value)
+    if hint is not None:
+        return f"{input_id} '{value}' is not on disk: {hint}"
+    shown = inp.options if len(inp.options) <= 12 else inp.options[:12] + ["..."]
+    return f"{input_id} '{value}' is not available; choose one of {shown}"

@@ -53,7 +53,7 @@ def test_cli_memory_options_keep_the_official_tokens(options, decision, tmp_path
                 "--cfg", str(p["guidance_scale"]), "--num-images", str(p["num_images"]), "--seed", str(p["seed"]),
                 "--device", "cpu", "--dtype", "float32", "--tokens-npy", str(tok), *options)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"[bitdance] {decision}" in r.stderr and f"planned for {p['height']}x{p['width']}" in r.stderr, r.stderr[-2000:]
+    assert f"[bitdance] {decision}" in r.stderr and f"planned for {p['width']}x{p['height']}" in r.stderr, r.stderr[-2000:]
     assert np.array_equal(np.load(tok), fixture_tokens_raster(os.path.join(fixture, case)))
 
 

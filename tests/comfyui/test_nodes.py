@@ -12,6 +12,9 @@ from helpers import NODE_IDS, REPO, TEST_WORKFLOWS, load, node_of, tiny_t2i
 from paths import assert_pixels_within_one_level, fixture_tokens_raster
 from safetensors.torch import load_file
 
+from bitdance_core import demo_models, describe_t2i
+from bitdance_core.sizes import OFFICIAL_SIZES
+
 EXPECTED = {
     "BitDanceModelLoader": ({"model": "COMBO", "dtype": "COMBO", "attention": "COMBO", "download": "BOOLEAN",
                              "weights": "COMBO", "offload": "COMBO", "cuda_graphs": "BOOLEAN"},
@@ -70,11 +73,26 @@ def test_model_list_follows_the_disk(comfy):
 
 
 def test_model_info_route(comfy):
+    """The sizes each model makes, as the engine computes them (the web extension's presets)."""
     info = comfy.get("/bitdance/model_info?model=t2i-tiny-p16")
     assert info["available"] and info["parallel_num"] == 16 and info["downsample"] == 16
-    assert [1024, 1024] in info["official_sizes"]
+    assert info["official_sizes"] is True and info["sizes"] == [list(s) for s in OFFICIAL_SIZES]
+    demo = comfy.get("/bitdance/model_info?model=demo/digits-t2i")
+    rule = describe_t2i(demo_models.T2I).size_rule
+    assert demo["official_sizes"] is False and demo["sizes"] == [list(s) for s in rule.sizes]
+    assert demo["sizes"][0] == [32, 32] and demo["sizes"][-1] == [512, 512] and demo["max_side"] == 512
     missing = comfy.get("/bitdance/model_info?model=BitDance-14B-64x")
     assert missing["available"] is False and "BitDance-14B-64x" in missing["error"]
+
+
+def test_imagenet_info_route(comfy):
+    """The classes of each class-conditional checkpoint (the class sampler's list in the web extension)."""
+    demo = comfy.get("/bitdance/imagenet_info?checkpoint=demo/digits-imagenet/model.pt")
+    assert demo["available"] and demo["classes"] == [str(i) for i in range(10)]
+    tiny = comfy.get("/bitdance/imagenet_info?checkpoint=imagenet-tiny-p4/model.pt")
+    assert tiny["available"] and len(tiny["classes"]) == 10
+    missing = comfy.get("/bitdance/imagenet_info?checkpoint=BitDance-ImageNet/BitDance_B_1x.pt")
+    assert missing["available"] is False and "hf download shallowdream204/BitDance-ImageNet" in missing["error"]
 
 
 def test_t2i_equals_the_cli(comfy, tmp_path, fixtures_dir):
