@@ -40,6 +40,9 @@ def _progress(desc: str):
 
 
 def save_outputs(pixels_u8: np.ndarray, bits: torch.Tensor, args) -> None:
+    for path in (args.pixels_npy, args.tokens_npy, args.out):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # e.g. out/seven.png in a fresh checkout
     if args.pixels_npy:
         np.save(args.pixels_npy, pixels_u8)
     if args.tokens_npy:
@@ -47,9 +50,9 @@ def save_outputs(pixels_u8: np.ndarray, bits: torch.Tensor, args) -> None:
     if args.out:
         from PIL import Image
 
-        stem, ext = os.path.splitext(args.out)
-        for i, img in enumerate(pixels_u8):
-            path = args.out if len(pixels_u8) == 1 else f"{stem}_{i}{ext or '.png'}"
+        from .images import output_paths
+
+        for img, path in zip(pixels_u8, output_paths(args.out, len(pixels_u8))):
             Image.fromarray(img).save(path)
             print(path)
 
