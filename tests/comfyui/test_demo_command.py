@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from helpers import API_WORKFLOWS, REPO
+from helpers import API_WORKFLOWS, REPO, load
 
 from bitdance_core import demo_models
 
@@ -114,3 +114,15 @@ def test_a_batch_is_named_as_the_cli_names_it(comfy, demo_models_present, tmp_pa
         for n in names:
             with Image.open(folder / n) as im:
                 assert im.format == "PNG" and im.size == (32, 32)
+
+
+def test_the_loaders_console_line_describes_the_demo_model(comfy, demo_models_present):
+    """The memory planner's line names the model's own geometry and plans for a size it makes (not the
+    14B models' 1024x1024)."""
+    comfy.run(load(DEMO_WORKFLOW))
+    with open(comfy.log_path) as f:
+        lines = [ln for ln in f if ln.startswith(f"[BitDance] {T2I_NAME} (")]
+    assert lines, "no planner line for the demo model in the server log"
+    assert lines[-1].startswith(f"[BitDance] {T2I_NAME} (4 tokens per step, 13 sizes from 32x32 to 512x512; memory "
+                                "planned for its largest square, 512x512): weights as-is, offload none"), lines[-1]
+    assert "planned for 512x512, 1 image" in lines[-1] and "1024x1024" not in lines[-1], lines[-1]
