@@ -84,16 +84,24 @@ class SizeRule:
         out += [(s, 2 * s) for s in sides if 2 * s <= self.max_side] + [(2 * s, s) for s in sides if 2 * s <= self.max_side]
         return sorted(out, key=lambda hw: (hw[0] * hw[1], hw[0] != hw[1], -hw[0]))
 
+    def _offered(self) -> list[tuple[int, int]]:
+        sizes = self.sizes
+        if not sizes:
+            raise BitDanceError(f"the model makes no image size: its tokenizer's res tokens reach {self.max_res} latent "
+                                f"tokens a side, less than one {self.block_side}x{self.block_side}-token block")
+        return sizes
+
     @property
     def reference_size(self) -> tuple[int, int]:
         """The largest square it offers (1024x1024 for models with the official sizes): what a loader
         plans memory for before it knows the size asked for."""
-        squares = [s for s in self.sizes if s[0] == s[1]]
-        return max(squares) if squares else max(self.sizes, key=lambda s: s[0] * s[1])
+        sizes = self._offered()
+        squares = [s for s in sizes if s[0] == s[1]]
+        return max(squares) if squares else max(sizes, key=lambda s: s[0] * s[1])
 
     def summary(self) -> str:
         """e.g. 'the 18 official sizes' or '13 sizes from 32x32 to 512x512' (width x height)."""
-        sizes = self.sizes
+        sizes = self._offered()
         if self.has_official_sizes:
             return f"the {len(sizes)} official sizes"
         (h0, w0), (h1, w1) = sizes[0], sizes[-1]
@@ -109,8 +117,7 @@ class SizeRule:
     def check(self, height, width, model: str = "this model") -> None:
         """Raises BitDanceError naming the size asked for and the sizes `model` makes."""
         if self.max_side < self.block_pixels:
-            raise BitDanceError(f"{model} makes no image size: its tokenizer's res tokens reach {self.max_res} latent "
-                                f"tokens a side, less than one {self.block_side}x{self.block_side}-token block")
+            self._offered()  # raises: no size at all
         for v, what in ((height, "height"), (width, "width")):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 why = "is not a positive whole number of pixels"

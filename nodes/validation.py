@@ -1,10 +1,12 @@
 """Dropdown values checked when a prompt is queued (400 with node_errors), not at run time.
 
-ComfyUI 0.3.75 does not check V3 combo values itself, so a node checks the dropdowns that list
-files (they follow the disk) in its validate_inputs, against the options it offers now. ComfyUI
+ComfyUI 0.3.75 does not check V3 combo values itself, so a node checks the dropdown that lists
+files (it follows the disk) in its validate_inputs, against the options it offers now. ComfyUI
 reports a failed validate_inputs once for every input the function takes, so each node's
-validate_inputs takes only the one input it checks: each problem appears once. A missing file of a
-released model is reported with the command that downloads it.
+validate_inputs takes only that one input: each problem appears once. A missing file of a released
+model is reported with the command that downloads it. The fixed dropdowns (dtype, offload, ...) can
+only be wrong in a hand-written API prompt; the engine refuses such a value when the node runs,
+naming it and the choices.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bitdance_core import demo_models as dm
-from bitdance_core import describe_t2i, load_t2i
+from bitdance_core import BitDanceError, describe_t2i, load_t2i
 from bitdance_core.cli import main as cli_main
 from bitdance_core.sizes import OFFICIAL_SIZES, SizeRule, max_res_token
 from bitdance_core.synthetic import build_random_t2i, custom_shape, save_official_folder, write_tokenizer_json
@@ -45,6 +45,11 @@ def test_the_rule():
     # the largest side is whole blocks: res tokens to 100, 4-token blocks of 16 px -> 1600 px
     assert SizeRule(16, 16, 100).max_side == 1600 and not SizeRule(16, 16, 100).has_official_sizes
     assert max_res_token({"<|res_1|>", "<|res_2|>", "<|res_3|>", "<|res_5|>"}.__contains__) == 3
+    none = SizeRule(16, 64, 4)  # res tokens shorter than one 8-token block: no size at all, said clearly
+    assert none.sizes == []
+    for call in (lambda: none.reference_size, none.summary, lambda: none.check(128, 128)):
+        with pytest.raises(BitDanceError, match="makes no image size: its tokenizer's res tokens reach 4 latent tokens"):
+            call()
 
 
 def _accepted_everywhere(folder: str, sizes, capsys):
