@@ -8,6 +8,7 @@ from .. import bitdance_core as bd  # noqa: F401  (the public API)
 from ..bitdance_core import demo_models as _demo
 from ..bitdance_core import runtime as _runtime  # the memory and speed options
 from ..bitdance_core import UNIWETOK_EXTS, find_autoencoder_files, is_uniwetok_checkpoint  # noqa: F401  (tokenizer files)
+from ..bitdance_core import class_label, parse_class_label  # noqa: F401  (how classes are listed)
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
 # text-to-image model folder and the class-conditional checkpoint (they may not be there yet)
@@ -25,18 +26,30 @@ def find_t2i_files(path: str):
     return bd.find_t2i_files(path)
 
 
-def describe_t2i(path: str) -> dict:
-    """What the web extension needs to offer sizes, read from the model's config files only."""
-    info = bd.describe_t2i(path)
+def _describe(info) -> dict:
+    """What the web extension and the loaders need of a model: the sizes to offer ([height, width], the
+    official ones where it makes them all), its block, its largest side, and the size the loader plans
+    memory for."""
+    rule = info.size_rule
     return {"parallel_num": info.parallel_num, "downsample": info.downsample, "latent_channels": info.latent_channels,
-            "layout": info.layout, "official_sizes": [list(s) for s in bd.OFFICIAL_SIZES]}
+            "layout": info.layout, "block_pixels": rule.block_pixels, "max_side": rule.max_side,
+            "sizes": [list(s) for s in rule.sizes], "official_sizes": rule.has_official_sizes,
+            "reference_size": list(rule.reference_size), "summary": rule.summary()}
+
+
+def describe_t2i(path: str) -> dict:
+    """_describe of a text-to-image model folder, from its config files and tokenizer (no weights)."""
+    return _describe(bd.describe_t2i(path))
 
 
 def describe_split(main_model: str, text_encoder: str, vae: str, qwen_vocab: str, parallel_num: int | None) -> dict:
-    """describe_t2i for the split files (their headers; the tokenizer is built to check it)."""
-    split = read_split(main_model, text_encoder, vae, qwen_vocab, parallel_num)
-    return {"parallel_num": split.parallel_num, "downsample": split.ae.downsample, "latent_channels": split.ae.z_channels,
-            "layout": "split", "official_sizes": [list(s) for s in bd.OFFICIAL_SIZES]}
+    """_describe of the split files (their headers; the tokenizer is built to check it)."""
+    return _describe(bd.describe_split(read_split(main_model, text_encoder, vae, qwen_vocab, parallel_num)))
+
+
+def describe_loaded(source) -> dict:
+    """_describe of what a loader has read: a model folder, or the split files' configs (read_split)."""
+    return describe_t2i(source) if isinstance(source, str) else _describe(bd.describe_split(source))
 
 
 def imagenet_class_names() -> list[str]:
@@ -51,11 +64,18 @@ def read_split(main_model: str, text_encoder: str, vae: str, qwen_vocab: str, pa
     return bd.read_split_configs(main_model, text_encoder, vae, qwen_vocab=qwen_vocab, parallel_num=parallel_num)
 
 
-def plan_t2i(source, free_bytes: int, device, dtype, weights: str, offload: str):
+def imagenet_classes(checkpoint: str) -> list[str]:
+    """A class-conditional checkpoint's classes as the sampler lists them ('207: golden retriever';
+    '7' for the digits demo), from its tensor shapes (no model built)."""
+    return bd.describe_imagenet(checkpoint).class_labels
+
+
+def plan_t2i(source, free_bytes: int, device, dtype, weights: str, offload: str, height: int, width: int):
     """The engine's decision (weights, offload mode, why) for a text-to-image model folder or the
-    split files (read_split), from its configs and the free device memory; raises BitDanceError
-    when nothing asked for fits."""
-    return _runtime.plan_for(source, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload)
+    split files (read_split) and one image of height x width, from its configs and the free device
+    memory; raises BitDanceError when nothing asked for fits."""
+    return _runtime.plan_for(source, free_bytes, device=device, dtype=dtype, weights=weights, offload=offload,
+                             height=height, width=width)
 
 
 def load_t2i_planned(source, decision, device, dtype, attention: str):

@@ -6,9 +6,9 @@ import os
 from comfy_api.latest import io
 
 from . import paths
-from .engine import bd, imagenet_class_names
+from .engine import bd, class_label, imagenet_class_names, parse_class_label
 from .memory import DTYPE_CHOICES, Managed, make_room, pick_device, pick_dtype
-from .validation import check_combos
+from .validation import check_combo
 from .progress import BlockProgress
 from .types import ImageNetModelType, Tokenizer, TokenizerType, bits_latent, expect
 
@@ -17,7 +17,8 @@ CFG_SCHEDULES = ["linear", "constant"]
 
 
 def class_options() -> list[str]:
-    return [f"{i}: {name}" for i, name in enumerate(imagenet_class_names())]
+    """The 1000 ImageNet classes (the released models); the web extension lists the connected model's."""
+    return [class_label(i, name) for i, name in enumerate(imagenet_class_names())]
 
 
 def _is_vae(name: str) -> bool:
@@ -47,8 +48,8 @@ class BitDanceImageNetLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, checkpoint=None, vae=None, dtype=None):
-        return check_combos(cls, checkpoint=checkpoint, vae=vae, dtype=dtype)
+    def validate_inputs(cls, checkpoint=None):  # one input: see validation.py (vae is checked when it loads)
+        return check_combo(cls, "checkpoint", checkpoint)
 
     @classmethod
     def execute(cls, checkpoint: str, vae: str = AUTO, dtype: str = "auto") -> io.NodeOutput:
@@ -75,7 +76,8 @@ class BitDanceImageNetSampler(io.ComfyNode):
             inputs=[
                 ImageNetModelType.Input("model"),
                 io.Combo.Input("class_name", options=options, default=options[0] if options else None,
-                               tooltip="One of the 1000 ImageNet classes"),
+                               tooltip="The class to draw: one of the 1000 ImageNet classes, or the connected "
+                                       "model's own (the digits demo: 0 to 9)"),
                 io.Int.Input("class_index", default=-1, min=-1, max=999,
                              tooltip="-1: use class_name; otherwise this class index (0..999)"),
                 io.Int.Input("steps", default=100, min=1, max=1000, tooltip="Diffusion-head steps per AR block"),
@@ -89,27 +91,33 @@ class BitDanceImageNetSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, class_name=None, cfg_schedule=None):
-        return check_combos(cls, class_name=class_name, cfg_schedule=cfg_schedule)
+    def validate_inputs(cls, class_name=None):
+        """Any '<index>: <name>' or '<index>': the names listed are ImageNet's, but a model with other
+        classes (the digits demo: '0' .. '9', which the web extension lists) is checked when it runs."""
+        if class_name is None:
+            return True
+        try:
+            parse_class_label(class_name)
+        except bd.BitDanceError as e:
+            return str(e)
+        return True
 
     @classmethod
     def execute(cls, model, class_name: str, class_index: int, steps: int, cfg: float, cfg_schedule: str, seed: int,
                 batch_size: int) -> io.NodeOutput:
         managed = expect(model, Managed, "model", "BitDance ImageNet Loader")
         net = managed.obj
-        index = class_index if class_index >= 0 else class_index_of(class_name)
+        index = class_index if class_index >= 0 else parse_class_label(class_name)
+        if index >= net.num_classes:
+            labels = [class_label(i, n) for i, n in enumerate(net.class_names)]
+            shown = ", ".join(labels if len(labels) <= 20 else labels[:20] + ["..."])
+            what = f"class_index {class_index}" if class_index >= 0 else f"class_name '{class_name}'"
+            raise bd.BitDanceError(f"{what}: {managed.name} has {net.num_classes} classes ({shown}); choose one of them")
         managed.ensure_loaded()
         progress = BlockProgress(decode=net.autoencoder.decode)
         bits = net.generate(classes=[index] * batch_size, steps=steps, cfg=None if cfg < 0 else cfg,
                             cfg_schedule=cfg_schedule, seed=seed, callback=progress)
         return io.NodeOutput(bits_latent(bits.cpu(), net.autoencoder.family))
-
-
-def class_index_of(class_name: str) -> int:
-    head = class_name.split(":", 1)[0].strip()
-    if not head.isdigit():
-        raise bd.BitDanceError(f"class_name '{class_name}': expected '<index>: <name>' as listed in the node")
-    return int(head)
 
 
 NODES = [BitDanceImageNetLoader, BitDanceImageNetSampler]

@@ -35,6 +35,16 @@ T2I_RELEASES = ("BitDance-14B-64x", "BitDance-14B-16x")
 DEMO = "demo"  # the name prefix of the built-in demo models
 
 
+def download_hint(name: str) -> str | None:
+    """For a name inside a released model's folder (e.g. 'BitDance-ImageNet/BitDance_B_1x.pt'): where it
+    goes and the command that fetches it; None for other names."""
+    release = str(name).replace("\\", "/").split("/", 1)[0]
+    if release not in RELEASES:
+        return None
+    target = os.path.join(default_root(), release)
+    return (f"expected in {target}. Download it with `hf download {RELEASES[release]} --local-dir {target}`")
+
+
 def register() -> None:
     """models/bitdance/ becomes a ComfyUI model folder (created so users see where models go)."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
@@ -143,10 +153,13 @@ def list_tokenizers() -> list[str]:
 
 
 def list_checkpoints(suffixes=(".pt", ".pth")) -> list[str]:
+    """Class-conditional checkpoints and tokenizer .pt files (UniWeTok checkpoints are listed by the
+    Tokenizer Loader instead)."""
     found = []
     for root in roots():
         for f in _files(root, suffixes):
-            found.append(_rel(root, f))
+            if not is_uniwetok_checkpoint(f):
+                found.append(_rel(root, f))
     demos = [_demo_name(DEMO_IMAGENET)] if os.path.isfile(DEMO_IMAGENET) and DEMO_IMAGENET.endswith(suffixes) else []
     return _with_demos(found, demos)
 
@@ -191,4 +204,5 @@ def resolve(name: str, what: str) -> str:
         tried.append(p)
         if os.path.exists(p):
             return p
-    raise bd.BitDanceError(f"{what} '{name}' not found: looked for {' and '.join(tried)}")
+    hint = download_hint(name)
+    raise bd.BitDanceError(f"{what} '{name}' not found: looked for {' and '.join(tried)}" + (f"; {hint}" if hint else ""))

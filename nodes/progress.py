@@ -20,7 +20,10 @@ class BlockProgress:
 
     Raises ComfyUI's interrupt exception (from inside the engine's block loop) as soon as the user
     interrupts, so a long sampling stops within one AR block. Every few blocks the partial bits are
-    decoded (first image of the batch) and sent as the node's live preview.
+    decoded (first image of the batch) and sent as the node's live preview, and after the last block
+    the whole image, so the sampler does not keep showing a partial one. Previews keep the image's
+    own size (ComfyUI scales a preview to --preview-size, up as well as down: a 32x32 digit would
+    be sent, and captioned, as 512x512).
     """
 
     def __init__(self, decode=None, node_id=None):
@@ -33,8 +36,9 @@ class BlockProgress:
         done = step + 1
         preview = None
         every = max(1, total // PREVIEWS_PER_RUN)
-        if self.decode is not None and done < total and done % every == 0:
-            preview = ("JPEG", pixels_to_pil(self.decode(bits[:1])), args.preview_size)
+        if self.decode is not None and (done % every == 0 or done == total):
+            image = pixels_to_pil(self.decode(bits[:1]))
+            preview = ("JPEG", image, min(args.preview_size, max(image.size)))
             self.previews += 1
         self.pbar.update_absolute(done, total, preview)
         mm.throw_exception_if_processing_interrupted()

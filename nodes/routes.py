@@ -6,7 +6,7 @@ import asyncio
 from aiohttp import web
 
 from . import paths
-from .engine import bd, describe_split, describe_t2i
+from .engine import bd, describe_split, describe_t2i, imagenet_classes
 
 # the split loader's inputs: (query key, ComfyUI folder, what)
 SPLIT_SLOTS = (("main_model", "diffusion_models", "main model"), ("text_encoder", "text_encoders", "text encoder"),
@@ -18,7 +18,7 @@ def register(server) -> None:
 
     @routes.get("/bitdance/model_info")
     async def model_info(request: web.Request) -> web.Response:
-        """Block geometry of a text-to-image model, read from its config files (no weights):
+        """What a text-to-image model makes (sizes, block, AR steps), from its config files and tokenizer:
         ?model=<folder in models/bitdance>, or the split loader's
         ?main_model=&text_encoder=&vae=&parallel_num= (file headers only)."""
         q = request.query
@@ -37,3 +37,13 @@ def register(server) -> None:
         except bd.BitDanceError as e:
             return web.json_response({"model": name, "available": False, "error": str(e)})
         return web.json_response({"model": name, "available": True, **info})
+
+    @routes.get("/bitdance/imagenet_info")
+    async def imagenet_info(request: web.Request) -> web.Response:
+        """A class-conditional checkpoint's classes, as the class sampler lists them."""
+        name = request.query.get("checkpoint", "")
+        try:
+            classes = imagenet_classes(paths.resolve(name, "checkpoint"))
+        except bd.BitDanceError as e:
+            return web.json_response({"checkpoint": name, "available": False, "error": str(e)})
+        return web.json_response({"checkpoint": name, "available": True, "classes": classes})

@@ -63,10 +63,8 @@ class BitDanceSplitModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, main_model=None, text_encoder=None, vae=None, parallel_num=None, dtype=None,
-                        attention=None, weights=None, offload=None):
-        return check_combos(cls, main_model=main_model, text_encoder=text_encoder, vae=vae, parallel_num=parallel_num,
-                            dtype=dtype, attention=attention, weights=weights, offload=offload)
+    def validate_inputs(cls, main_model=None, text_encoder=None, vae=None):  # the files only: see validation.py
+        return check_combos(cls, main_model=main_model, text_encoder=text_encoder, vae=vae)
 
     @classmethod
     def execute(cls, main_model: str, text_encoder: str, vae: str, parallel_num: str = "auto", dtype: str = "auto",

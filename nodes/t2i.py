@@ -8,10 +8,10 @@ from comfy_api.latest import io
 
 from . import paths
 from .download import download_release
-from .engine import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, check_generation, enable_cuda_graphs, find_t2i_files,
-                     load_t2i_planned, plan_t2i)
+from .engine import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, check_generation, describe_loaded, enable_cuda_graphs,
+                     find_t2i_files, load_t2i_planned, plan_t2i)
 from .memory import DTYPE_CHOICES, Managed, free_memory_for_planning, make_room, pick_device, pick_dtype
-from .validation import check_combos
+from .validation import check_combo
 from .progress import BlockProgress
 from .types import Conditioning, ConditioningType, ModelType, Tokenizer, TokenizerType, bits_latent, expect
 
@@ -58,8 +58,8 @@ class BitDanceModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model=None, dtype=None, attention=None, weights=None, offload=None):
-        return check_combos(cls, model=model, dtype=dtype, attention=attention, weights=weights, offload=offload)
+    def validate_inputs(cls, model=None):  # one input: see validation.py
+        return check_combo(cls, "model", model)
 
     @classmethod
     def execute(cls, model: str, dtype: str = "auto", attention: str = "auto", download: bool = False,
@@ -77,9 +77,13 @@ def load_t2i_managed(source, name: str, key: str, dtype: str, attention: str, we
     conditioning made with this model must match."""
     device = pick_device()
     torch_dtype = pick_dtype(dtype, device)
-    # the engine decides (from the configs and the free memory) and says why
-    decision = plan_t2i(source, free_memory_for_planning(device), device, torch_dtype, weights, offload)
-    print(f"[BitDance] {name}: {decision.summary()}", flush=True)
+    # the engine decides (from the configs and the free memory) and says why, for the largest square
+    # this model makes (the sampler checks its own size and batch before it starts)
+    info = describe_loaded(source)
+    h, w = info["reference_size"]
+    decision = plan_t2i(source, free_memory_for_planning(device), device, torch_dtype, weights, offload, h, w)
+    print(f"[BitDance] {name} ({info['parallel_num']} tokens per step, {info['summary']}; memory planned for "
+          f"its largest square, {w}x{h}): {decision.summary()}", flush=True)
     make_room(key, device, torch_dtype, need=decision.plan.peak_bytes)  # need given: `key` is not read as a path
     pipe, off = load_t2i_planned(source, decision, device, torch_dtype,
                                  attention="sdpa" if attention == "auto" else attention)
@@ -103,9 +107,8 @@ def resolve_or_download(name: str, what: str, download: bool) -> str:
         pass
     target = os.path.join(paths.default_root(), name)
     if not download:
-        raise bd.BitDanceError(
-            f"{what} '{name}' is not on disk: expected the folder {target}. Download it with "
-            f"`hf download {paths.RELEASES[name]} --local-dir {target}`, or turn on 'download' in this node")
+        raise bd.BitDanceError(f"{what} '{name}' is not on disk: {paths.download_hint(name)}, or turn on 'download' "
+                               "in this node")
     return download_release(name, target)
 
 
@@ -165,7 +168,7 @@ class BitDanceARSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler=None):
-        return check_combos(cls, sampler=sampler)
+        return check_combo(cls, "sampler", sampler)
 
     @classmethod
     def execute(cls, model, positive, width: int, height: int, steps: int, cfg: float, seed: int, batch_size: int,

@@ -12,7 +12,7 @@ from . import paths
 from .convert import image_to_pixels, pixels_to_image
 from .engine import bd
 from .memory import DTYPE_CHOICES, Managed, make_room, pick_device, pick_dtype
-from .validation import check_combos
+from .validation import check_combo
 from .types import Tokenizer, TokenizerType, bits_latent, expect, latent_bits
 
 
@@ -36,8 +36,8 @@ class BitDanceTokenizerLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, tokenizer=None, dtype=None):
-        return check_combos(cls, tokenizer=tokenizer, dtype=dtype)
+    def validate_inputs(cls, tokenizer=None):  # one input: see validation.py
+        return check_combo(cls, "tokenizer", tokenizer)
 
     @classmethod
     def execute(cls, tokenizer: str, dtype: str = "auto") -> io.NodeOutput:

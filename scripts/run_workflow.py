@@ -1,4 +1,4 @@
-"""Run one API-format workflow on ComfyUI and copy its output image(s) out (stdlib only).
+"""Run one API-format workflow on ComfyUI and copy its output image(s) out (stdlib and this pack).
 
     python scripts/run_workflow.py WORKFLOW.api.json --out out/demo.png [--url http://127.0.0.1:8188]
     python scripts/run_workflow.py WORKFLOW.api.json --out out/demo.png --base out/comfyui-demo
@@ -7,8 +7,9 @@ With --url it talks to a running server. Without it, it starts ComfyUI itself (.
 scripts/setup_comfyui.sh) through tests/comfy_launcher.py on the CPU on a free loopback port, with
 --base out/comfyui-demo as its base directory (this pack linked into custom_nodes/), and stops it
 at the end. Then: POST /prompt, poll /history until the prompt ends, GET /view for each output
-image. The first image goes to --out, further ones (a batch) beside it as NAME_2.png, NAME_3.png...
-Prints the paths written; exits 1 with ComfyUI's message if the prompt is refused or fails.
+image. One image goes to --out; several (a batch) beside it as NAME_0.png, NAME_1.png, ..., as the
+engine CLI names them (bitdance_core.pipelines.images.output_paths). Prints the paths written; exits 1 with
+ComfyUI's message if the prompt is refused or fails.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "ComfyUI-BitDance"
+sys.path.insert(0, REPO)
+
+from bitdance_core.pipelines.images import output_paths  # noqa: E402  (the CLI's names for a batch)
 
 
 def request(url: str, method: str = "GET", body=None, timeout: float = 30):
@@ -58,8 +62,9 @@ def tail(path: str, n: int = 40) -> str:
         return "(no log)"
 
 
-def start_server(comfy_dir: str, base: str, wait_for: str, timeout: float):
-    """(process, url, log path) of a ComfyUI serving this pack from `base`, once /object_info lists `wait_for`."""
+def start_server(comfy_dir: str, base: str, wait_for: str, timeout: float, extra_args=()):
+    """(process, url, log path) of a ComfyUI serving this pack from `base`, once /object_info lists
+    `wait_for`; `extra_args` go to ComfyUI's command line."""
     if not os.path.isfile(os.path.join(comfy_dir, "main.py")):
         sys.exit(f"no ComfyUI in {comfy_dir}: run `bash scripts/setup_comfyui.sh` first")
     base = os.path.abspath(base)
@@ -75,7 +80,7 @@ def start_server(comfy_dir: str, base: str, wait_for: str, timeout: float):
     log_path = os.path.join(base, "comfyui.log")
     cmd = [sys.executable, os.path.join(REPO, "tests", "comfy_launcher.py"), comfy_dir,
            "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
-           "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--disable-api-nodes"]
+           "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     print(f"[run_workflow] starting ComfyUI on {url} (log: {log_path})", flush=True)
     with open(log_path, "w") as log:
@@ -132,14 +137,12 @@ def save_images(url: str, entry: dict, out: str) -> list[str]:
     if not images:
         sys.exit("the workflow finished without an output image (no Save Image node?)")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    stem, ext = os.path.splitext(out)
     written = []
-    for i, im in enumerate(images):
+    for im, path in zip(images, output_paths(out, len(images))):
         q = urllib.parse.urlencode({"filename": im["filename"], "subfolder": im.get("subfolder", ""),
                                     "type": im.get("type", "output")})
         with urllib.request.urlopen(f"{url}/view?{q}", timeout=60) as r:
             data = r.read()
-        path = out if i == 0 else f"{stem}_{i + 1}{ext}"
         with open(path, "wb") as f:
             f.write(data)
         written.append(path)
@@ -149,7 +152,7 @@ def save_images(url: str, entry: dict, out: str) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("workflow", help="an API-format workflow (.api.json)")
-    ap.add_argument("--out", required=True, help="where the (first) output PNG goes")
+    ap.add_argument("--out", required=True, help="where the output PNG goes (OUT_0.png, OUT_1.png, ... for several)")
     ap.add_argument("--url", default=None, help="a running ComfyUI; default: start one for this run")
     ap.add_argument("--base", default=os.path.join(REPO, "out", "comfyui-demo"),
                     help="base directory of the server this script starts (default out/comfyui-demo)")

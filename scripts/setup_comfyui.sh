@@ -90,7 +90,7 @@ if [ "${SKIP_BROWSER:-0}" = "1" ]; then
     exit 0
 fi
 if [ ! -x /usr/bin/chromium ]; then
-    log "installing Debian chromium"
+    log "installing Debian chromium with apt-get (into /usr/bin/chromium)"
     SUDO=""; [ "$(id -u)" = "0" ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null

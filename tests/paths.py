@@ -39,6 +39,33 @@ def run_cli(*args, timeout: int = 900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def fixture_tokens_raster(case_dir: str):
+    """A text-to-image fixture case's tokens.npy ([B, h*w, C] in generation order '(h w p1 p2)') as
+    [B, C, h, w], what the CLI's --tokens-npy and a SaveLatent of the sampler hold (written
+    independently of the engine)."""
+    import json
+
+    import numpy as np
+
+    with open(os.path.join(case_dir, "params.json")) as f:
+        p = json.load(f)
+    (h, w), ps = p["latent_grid_hw"], p["patch_side_ps"]
+    tokens = np.load(os.path.join(case_dir, "tokens.npy"))
+    b, n, c = tokens.shape
+    return tokens.reshape(b, h // ps, w // ps, ps, ps, c).transpose(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+def assert_pixels_within_one_level(pixels, ref, what: str, max_fraction: float = 0.001):
+    """Pixels from the same tokens on another CPU: float32 decoding rounds differently on AVX2 and
+    AVX512 (and between thread counts), so a few uint8 values may be one level off; never more."""
+    import numpy as np
+
+    assert pixels.shape == ref.shape and pixels.dtype == ref.dtype, (what, pixels.shape, ref.shape)
+    diff = np.abs(pixels.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= max_fraction, \
+        f"{what}: max difference {diff.max()}, {int((diff > 0).sum())} of {diff.size} values off"
+
+
 def compare_with_official(tokens_npy, ref_tokens, pixels_npy, ref_pixels_npy):
     """Asserts the CLI's tokens equal the official ones bit for bit and its pixels have the official
     dtype and shape; returns |pixels - official pixels| (each caller bounds it)."""

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,9 +22,8 @@ from bitdance_core.pipelines.prompts import (UNCOND_PROMPT, bitdance_vocab_size,
 from bitdance_core.pipelines.t2i_loading import read_t2i_configs
 from bitdance_core.runtime import fitting, plan_for
 
-from paths import fixture_dirs
+from paths import fixture_dirs, fixture_tokens_raster
 from split_files import fixture_parallel_num, write_split
-from test_t2i_fixtures import blocks_to_raster
 
 FIXTURES = fixture_dirs("t2i-")
 PROMPTS = ["a cat", "A red fox sitting in a snowy forest at sunrise", "Ünïcödé café naïve 東京 😀 12345 \r\n\t  x",
@@ -120,8 +118,7 @@ def test_full_precision_split_files_give_the_official_tokens(split_sets, fx):
     for case in _cases(fx):
         p = json.load(open(os.path.join(fx, case, "params.json")))
         assert list(pipe.encode_prompt(p["prompt"]).cond_ids) == p["cond_ids"]
-        h, w = p["latent_grid_hw"]
-        ref = blocks_to_raster(np.load(os.path.join(fx, case, "tokens.npy")), h, w, p["patch_side_ps"])
+        ref = fixture_tokens_raster(os.path.join(fx, case))
         bits = _generate(pipe, p).numpy()
         assert bits.shape == ref.shape and int((bits != ref).sum()) == 0, f"{case}: differs from the official tokens"
 

@@ -5,16 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from paths import compare_with_official, fixture_dirs, run_cli
+from paths import compare_with_official, fixture_dirs, fixture_tokens_raster, run_cli
 
 CASES = [(fx, c) for fx in fixture_dirs("t2i-") for c in sorted(os.listdir(fx))
          if os.path.isfile(os.path.join(fx, c, "params.json"))]
-
-
-def blocks_to_raster(tokens: np.ndarray, h: int, w: int, ps: int) -> np.ndarray:
-    """Fixture layout [B, h*w, C] '(h w p1 p2)' -> [B, C, h, w] (written independently of the engine)."""
-    b, n, c = tokens.shape
-    return tokens.reshape(b, h // ps, w // ps, ps, ps, c).transpose(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
 @pytest.mark.parametrize("fixture,case", CASES, ids=[f"{os.path.basename(f)}/{c}" for f, c in CASES])
@@ -27,8 +21,7 @@ def test_t2i_fixture_through_cli(fixture, case, tmp_path):
                 "--device", "cpu", "--dtype", "float32", "--pixels-npy", str(pix), "--tokens-npy", str(tok),
                 "--out", str(tmp_path / "img.png"))
     assert r.returncode == 0, r.stderr[-3000:]
-    h, w = p["latent_grid_hw"]
-    ref_tokens = blocks_to_raster(np.load(os.path.join(fixture, case, "tokens.npy")), h, w, p["patch_side_ps"])
+    ref_tokens = fixture_tokens_raster(os.path.join(fixture, case))
     diff = compare_with_official(tok, ref_tokens, pix, os.path.join(fixture, case, "image.npy"))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.001, f"max {diff.max()}, {(diff > 0).sum()} values off"
     n = p["num_images"]
@@ -60,10 +53,8 @@ def test_cli_memory_options_keep_the_official_tokens(options, decision, tmp_path
                 "--cfg", str(p["guidance_scale"]), "--num-images", str(p["num_images"]), "--seed", str(p["seed"]),
                 "--device", "cpu", "--dtype", "float32", "--tokens-npy", str(tok), *options)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"[bitdance] {decision}" in r.stderr and f"planned for {p['height']}x{p['width']}" in r.stderr, r.stderr[-2000:]
-    h, w = p["latent_grid_hw"]
-    ref_tokens = blocks_to_raster(np.load(os.path.join(fixture, case, "tokens.npy")), h, w, p["patch_side_ps"])
-    assert np.array_equal(np.load(tok), ref_tokens)
+    assert f"[bitdance] {decision}" in r.stderr and f"planned for {p['width']}x{p['height']}" in r.stderr, r.stderr[-2000:]
+    assert np.array_equal(np.load(tok), fixture_tokens_raster(os.path.join(fixture, case)))
 
 
 def test_cli_fp8_weights_make_an_image(tmp_path):

@@ -121,9 +121,9 @@ def copy_model(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(height=100), "height 100 is not supported: it must be a positive multiple of 64"),
-    (dict(width=0), "width 0 is not supported"),
-    (dict(height=4096, width=256), r"no <\|res_256\|> token"),
+    (dict(height=100), r"height 100 px \(asked for: width 256, height 100\) is not a multiple of 64 px"),
+    (dict(width=0), r"width 0 px \(asked for: width 0, height 256\) is not a positive whole number of pixels"),
+    (dict(height=4096, width=256), r"height 4096 px .* is larger than its largest side, 2048 px .*<\|res_128\|>"),
     (dict(steps=0), "steps must be an integer >= 1, got 0"),
     (dict(cfg=-1.0), "cfg .* must be >= 0, got -1.0"),
     (dict(num_images=0), "num_images must be an integer >= 1, got 0"),

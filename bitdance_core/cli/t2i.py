@@ -3,15 +3,16 @@ and the loading options it shares with eval-generate."""
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
-from .common import add_common, device_dtype, progress, save_outputs
+from .common import ShowDefaults, add_common, device_dtype, progress, save_outputs
 
 
 def add_t2i_load_options(p) -> None:
     """How a text-to-image model is loaded and accelerated (t2i, eval-generate)."""
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"])
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"], help="attention kernels")
     p.add_argument("--weights", default="auto", choices=["auto", "as-is", "fp8"],
                    help="fp8: backbone and head linears in float8 (auto: fp8 only where as-is does not fit the GPU)")
     p.add_argument("--offload", default="auto", choices=["auto", "none", "stage", "stream"],
@@ -20,14 +21,16 @@ def add_t2i_load_options(p) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the head and the backbone (GPU)")
 
 
-def plan_t2i_load(args, dev: str, dtype, height: int, width: int, num_images: int, cfg: float, log_prefix: str = ""):
+def plan_t2i_load(args, dev: str, dtype, height: int, width: int, num_images: int, cfg: float, log_prefix: str = "",
+                  source=None):
     """The weights/offload decision for `args.weights`/`args.offload` (see add_t2i_load_options), planned
-    for this size and batch against the device's free memory, printed to stderr."""
+    for this size and batch against the device's free memory, printed to stderr. source: the model's
+    configs when already read (default: read from args.model)."""
     from ..runtime.fitting import plan_for
 
     # auto: as stored, no offload, when that fits; on the CPU auto is always that
     free = torch.cuda.mem_get_info(torch.device(dev))[0] if dev.startswith("cuda") else None
-    decision = plan_for(args.model, free, device=dev, height=height, width=width, num_images=num_images, cfg=cfg,
+    decision = plan_for(source if source is not None else args.model, free, device=dev, height=height, width=width, num_images=num_images, cfg=cfg,
                         dtype=dtype, weights=args.weights, offload=args.offload)
     print(f"{log_prefix}[bitdance] {decision.summary()}", file=sys.stderr)
     return decision
@@ -48,26 +51,42 @@ def load_t2i_as_planned(args, decision, dev: str, dtype):
 
 def cmd_t2i(args):
     from ..pipelines.images import to_uint8
+    from ..pipelines.t2i_loading import describe_t2i, read_t2i_configs
 
+    configs = read_t2i_configs(args.model)  # each config file read once for the whole command
+    info = describe_t2i(configs)
+    info.check_size(args.height, args.width)  # from the config files and tokenizer: before any weights are read
     dev, dtype = device_dtype(args)
-    decision = plan_t2i_load(args, dev, dtype, args.height, args.width, args.num_images, args.cfg)
+    decision = plan_t2i_load(args, dev, dtype, args.height, args.width, args.num_images, args.cfg, source=configs)
+    if args.dry_run:
+        print(f"[bitdance] {info.name}: {args.width}x{args.height} is {info.ar_steps(args.height, args.width)} "
+              f"AR steps of {info.parallel_num} tokens; --dry-run: nothing loaded", file=sys.stderr)
+        return
     pipe = load_t2i_as_planned(args, decision, dev, dtype)
+    start = time.perf_counter()
     bits = pipe.generate(pipe.encode_prompt(args.prompt, args.negative_prompt), args.height, args.width, args.steps,
                          args.cfg, args.num_images, args.seed, callback=progress("blocks"))
-    save_outputs(to_uint8(pipe.decode(bits)).numpy(), bits, args)
+    pixels = to_uint8(pipe.decode(bits)).numpy()
+    n = args.num_images
+    print(f"[bitdance] generated {n} image{'s' if n != 1 else ''} of {args.width}x{args.height} in "
+          f"{time.perf_counter() - start:.2f} s (sampling and decoding)", file=sys.stderr)
+    save_outputs(pixels, bits, args)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("t2i", help="text to image")
+    p = sub.add_parser("t2i", help="text to image", formatter_class=ShowDefaults)
     p.add_argument("--model", required=True, help="model folder (official or diffusers layout)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default=None, help="replaces the official unconditional prompt")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=1024, help="px; a size the model makes (an error lists them)")
+    p.add_argument("--width", type=int, default=1024, help="px")
+    p.add_argument("--steps", type=int, default=50, help="diffusion-head steps per AR block")
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (1 or less: no guidance)")
+    p.add_argument("--num-images", type=int, default=1, help="images in the batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     add_t2i_load_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the size against the model and print the memory plan (config files and tokenizer only), "
+                        "then stop without loading the weights")
     add_common(p)
     p.set_defaults(func=cmd_t2i)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import add_common, device_dtype, load_npy
+from .common import ShowDefaults, add_common, device_dtype, load_npy
 
 
 def cmd_tokenizer(args):
@@ -25,7 +25,7 @@ def cmd_tokenizer(args):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("tokenizer", help="binary tokenizer encode / decode")
+    p = sub.add_parser("tokenizer", help="binary tokenizer encode / decode", formatter_class=ShowDefaults)
     p.add_argument("action", choices=["encode", "decode"])
     p.add_argument("--model", required=True, help="folder with ae_config.json + ae.safetensors, an ae_*.safetensors / "
                                                  "ae_*.pt, or a UniWeTok .pt (its ddconfig in <stem>_config.json or "

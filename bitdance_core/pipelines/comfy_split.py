@@ -27,8 +27,9 @@ from ..models.head import HeadConfig
 from ..models.qwen3 import Qwen3Backbone, Qwen3Config
 from .prompts import (PromptCodec, bitdance_vocab_size, from_tokenizers_file, load_prompt_codec,
                       parallel_num_from_vocab_size, qwen_vocab_bitdance_codec)
+from .sizes import SizeRule, max_res_token
 from .t2i import T2IPipeline
-from .t2i_loading import build_t2i_modules, materialize_parts
+from .t2i_loading import T2IInfo, build_t2i_modules, materialize_parts
 
 # The prefixes each part may carry inside its file.
 HEAD_PREFIXES = ("diffusion_head.", "model.diffusion_head.", "main_model.diffusion_head.", "vision_head.")
@@ -369,3 +370,10 @@ def save_comfy_split(pipe, folder: str, head_prefix: str = "diffusion_head.", pr
     save_file(te, paths["text_encoder"])
     save_file(ae, paths["vae"])
     return paths
+
+
+def describe_split(configs: SplitConfigs) -> T2IInfo:
+    """What the split files make (sizes from the tokenizer's res tokens), like describe_t2i for a folder."""
+    rule = SizeRule(configs.ae.downsample, configs.parallel_num, max_res_token(configs.codec.has_token))
+    return T2IInfo("split", configs.parallel_num, configs.ae.downsample, configs.ae.z_channels, configs.llm.hidden_size,
+                   rule, configs.name)

@@ -21,7 +21,8 @@ from ..models.imagenet import ImageNetModel, KVCache, build_imagenet, first_step
 from ..models.imagenet_config import ImageNetConfig, apply_overrides, config_beside, config_from_shapes, read_config_file
 from ..models.positions import blocks_to_raster
 from ..models.sampler import euler_maruyama
-from .imagenet_classes import imagenet_class_names, parse_classes
+from .cpu_threads import generation_threads
+from .imagenet_classes import model_class_names, parse_classes
 from .tokenizers import tokenizer_source
 
 Callback = Callable[[int, int, torch.Tensor], None]
@@ -54,10 +55,8 @@ class ImageNetPipeline:
 
     @property
     def class_names(self) -> list[str]:
-        """ImageNet names for a 1000-class model; "class <i>" otherwise."""
-        if self.num_classes == 1000:
-            return imagenet_class_names()
-        return [f"class {i}" for i in range(self.num_classes)]
+        """ImageNet names for a 1000-class model; the class numbers "0", "1", ... otherwise."""
+        return model_class_names(self.num_classes)
 
     def guidance(self, cfg: float, schedule: str, step: int) -> float:
         if cfg <= 1.0:
@@ -67,12 +66,19 @@ class ImageNetPipeline:
         start = 1.0
         return start + (cfg - start) * step / self.config.steps
 
-    @torch.no_grad()
     def generate(self, classes: Sequence[int | str] | int | str, steps: int = 100, cfg: float | None = None,
                  cfg_schedule: str = "linear", seed: int = 0, callback: Callback | None = None) -> torch.Tensor:
         """±1 bits [B, 32, 16, 16] (float32) for a batch of class labels (ids or names; id == num_classes
         is the unconditional "null" class)."""
         labels = parse_classes(classes, self.num_classes, allow_null=True)
+        eff = self.default_cfg if cfg is None else cfg
+        guided = isinstance(eff, (int, float)) and eff > 1.0
+        rows = len(labels) * (2 if guided else 1) * self.parallel_num
+        with generation_threads(self.device, rows, max(self.config.dim, self.config.diff_dim)):  # small models: fewer threads
+            return self._generate(labels, steps, cfg, cfg_schedule, seed, callback)
+
+    @torch.no_grad()
+    def _generate(self, labels, steps, cfg, cfg_schedule, seed, callback) -> torch.Tensor:
         cfg = self.default_cfg if cfg is None else cfg
         require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
         require(isinstance(cfg, (int, float)) and cfg >= 0, f"cfg (guidance scale) must be a number >= 0, got {cfg}")

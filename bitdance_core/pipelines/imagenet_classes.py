@@ -27,6 +27,25 @@ def imagenet_class_names() -> list[str]:
     return list(_names())
 
 
+def model_class_names(num_classes: int) -> list[str]:
+    """A class-conditional model's class names: ImageNet's for a 1000-class model, else the class
+    numbers ("0" .. "9" for the digits demo, whose class i is the digit i)."""
+    return imagenet_class_names() if num_classes == 1000 else [str(i) for i in range(num_classes)]
+
+
+def class_label(index: int, name: str) -> str:
+    """How a node lists a class: '207: golden retriever', or just '7' when the name is the number."""
+    return name if name == str(index) else f"{index}: {name}"
+
+
+def parse_class_label(label: str) -> int:
+    """The class index of a label written by class_label ('207: golden retriever', '7')."""
+    head = str(label).split(":", 1)[0].strip()
+    if not head.isdigit():
+        raise BitDanceError(f"class '{label}': expected '<index>: <name>' or '<index>' as the node lists them")
+    return int(head)
+
+
 @functools.lru_cache(maxsize=1)
 def _index() -> dict[str, int]:
     return {n.lower(): i for i, n in enumerate(_names())}

@@ -1,5 +1,8 @@
-"""Pixel conversions between the engine ([B, 3, H, W] about [-1, 1]) and the outside world."""
+"""Pixel conversions between the engine ([B, 3, H, W] about [-1, 1]) and the outside world, and the
+file names of a batch of output images."""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -31,3 +34,12 @@ def from_unit_hwc(image: torch.Tensor) -> torch.Tensor:
         got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise BitDanceError(f"image: expected [batch, height, width, channels] in 0..1, got {got}")
     return image.movedim(-1, 1).to(torch.float32) * 2.0 - 1.0
+
+
+def output_paths(out: str, count: int) -> list[str]:
+    """Where `count` images asked for as `out` go: `out` itself for one; OUT_0.png, OUT_1.png, ... for
+    several (the CLI and scripts/run_workflow.py both name them so)."""
+    if count == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}_{i}{ext or '.png'}" for i in range(count)]

@@ -37,6 +37,9 @@ class PromptCodec:
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
 
+    def has_token(self, token: str) -> bool:
+        return self._token_to_id(token) is not None
+
     def token_id(self, token: str, why: str) -> int:
         tid = self._token_to_id(token)
         if tid is None:
@@ -54,7 +57,7 @@ class PromptCodec:
     def image_prefix(self, lat_h: int, lat_w: int, parallel_num: int) -> list[int]:
         ids = [self.token_id("<|vision_start|>", "it opens the image")]
         for side, what in ((lat_h, "height"), (lat_w, "width")):
-            ids.append(self.token_id(f"<|res_{side}|>", f"image {what} of {side * 16} px = {side} latent tokens is not supported by this model"))
+            ids.append(self.token_id(f"<|res_{side}|>", f"an image {what} of {side} latent tokens is not supported by this model"))
         ids += [self.token_id(f"<|query_{i}|>", f"query token of a {parallel_num}-token block") for i in range(1, parallel_num)]
         return ids
 

@@ -13,21 +13,16 @@ from typing import Callable
 
 import torch
 
-from ..errors import BitDanceError, require
+from ..errors import require
 from ..models.autoencoder import BinaryAutoencoder
 from ..models.head import DiffusionHead
 from ..models.positions import blocks_to_raster, sincos_2d_blocks
 from ..models.projector import Projector
 from ..models.qwen3 import KVCache, Qwen3Backbone
 from ..models.sampler import SAMPLERS
+from .cpu_threads import generation_threads
 from .prompts import PromptCodec, PromptTokens
-
-# The official [height, width] list (modeling/t2i_pipeline.py): the presets.
-OFFICIAL_SIZES = [
-    (2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024), (896, 1152), (768, 1280),
-    (640, 1536), (512, 1920), (512, 2048),
-    (1024, 256), (896, 256), (640, 384), (512, 512), (384, 640), (256, 896), (256, 1024),
-]
+from .sizes import OFFICIAL_SIZES, SizeRule, max_res_token
 
 Callback = Callable[[int, int, torch.Tensor], None]
 
@@ -43,6 +38,7 @@ class T2IPipeline:
         self.latent_channels = autoencoder.config.z_channels
         self.downsample = autoencoder.downsample
         self.samplers = dict(SAMPLERS)  # per pipeline, so accelerations (runtime/graphs.py) can wrap them
+        self.size_rule = SizeRule(self.downsample, self.parallel_num, max_res_token(codec.has_token))
 
     @property
     def block_pixels(self) -> int:
@@ -50,22 +46,19 @@ class T2IPipeline:
 
     @property
     def supported_sizes(self) -> list[tuple[int, int]]:
-        return [s for s in OFFICIAL_SIZES if s[0] % self.block_pixels == 0 and s[1] % self.block_pixels == 0]
+        """The sizes this model offers (sizes.py): the official ones first where it makes them all."""
+        return self.size_rule.sizes
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptTokens:
         return self.codec.encode_prompt(prompt, negative_prompt)
 
     def check_size(self, height: int, width: int) -> None:
-        bp = self.block_pixels
-        for v, what in ((height, "height"), (width, "width")):
-            if not isinstance(v, int) or v <= 0 or v % bp:
-                raise BitDanceError(f"{what} {v} is not supported: it must be a positive multiple of {bp} px for this "
-                                    f"{self.parallel_num}-token-per-step model (e.g. {', '.join(f'{h}x{w}' for h, w in self.supported_sizes[:4])})")
+        self.size_rule.check(height, width, self.name or "this model")
         self.codec.image_prefix(height // self.downsample, width // self.downsample, self.parallel_num)
-        if (height, width) not in OFFICIAL_SIZES:
-            warnings.warn(f"{height}x{width} is not one of the official BitDance sizes; it runs, but quality is not guaranteed")
+        if self.size_rule.has_official_sizes and (height, width) not in OFFICIAL_SIZES:
+            warnings.warn(f"{width}x{height} is not one of the official BitDance sizes; it runs, "
+                          "but quality is not guaranteed")
 
-    @torch.no_grad()
     def generate(self, prompt: PromptTokens | str | list, height: int = 1024, width: int = 1024, steps: int = 50,
                  cfg: float = 7.5, num_images: int = 1, seed: int | list[int] = 0, negative_prompt: str | None = None,
                  sampler: str = "euler_maruyama", callback: Callback | None = None,
@@ -76,6 +69,17 @@ class T2IPipeline:
         [len(prompts) * num_images, ...], prompt by prompt. Each prompt draws its noise from its own
         generator, exactly as it would alone (sampler.randn_rows); its rows share the backbone and
         head passes with the others, which can round differently from a batch of its own."""
+        guided = isinstance(cfg, (int, float)) and cfg > 1.0
+        n_prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
+        rows = self.parallel_num * (num_images if isinstance(num_images, int) else 1) * n_prompts * (2 if guided else 1)
+        width_of_ops = max(self.backbone.config.hidden_size, self.head.config.ch_latent)
+        with generation_threads(self.device, rows, width_of_ops):  # small models: fewer CPU threads
+            return self._generate(prompt, height, width, steps, cfg, num_images, seed, negative_prompt, sampler,
+                                  callback, batched_cfg)
+
+    @torch.no_grad()
+    def _generate(self, prompt, height, width, steps, cfg, num_images, seed, negative_prompt, sampler, callback,
+                  batched_cfg) -> torch.Tensor:
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
         require(len(prompts) >= 1 and len(seeds) == len(prompts),

@@ -7,7 +7,6 @@ has them already (the memory planner's decision) passes them on to `load_t2i`.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -24,7 +23,8 @@ from ..models.head import DiffusionHead, HeadConfig
 from ..models.projector import Projector
 from ..models.qwen3 import Qwen3Backbone, Qwen3Config
 from .prompts import load_prompt_codec
-from .t2i import OFFICIAL_SIZES, T2IPipeline
+from .sizes import SizeRule, max_res_token
+from .t2i import T2IPipeline
 
 WEIGHTS = ("as-is", "fp8")
 
@@ -97,32 +97,39 @@ def read_t2i_configs(path: str) -> T2IConfigs:
 
 @dataclass
 class T2IInfo:
-    """What a model folder makes, read from its config files only (no weights)."""
+    """What a model folder makes, read from its config files and tokenizer only (no weights)."""
 
     layout: str
     parallel_num: int
     downsample: int
     latent_channels: int
     hidden_size: int
+    size_rule: SizeRule
+    name: str = ""
 
     @property
     def block_pixels(self) -> int:
-        return int(round(math.sqrt(self.parallel_num))) * self.downsample
+        return self.size_rule.block_pixels
 
     @property
     def supported_sizes(self) -> list[tuple[int, int]]:
-        bp = self.block_pixels
-        return [s for s in OFFICIAL_SIZES if s[0] % bp == 0 and s[1] % bp == 0]
+        return self.size_rule.sizes
+
+    def check_size(self, height: int, width: int) -> None:
+        """What the pipeline checks before sampling, without loading it."""
+        self.size_rule.check(height, width, self.name or "this model")
 
     def ar_steps(self, height: int, width: int) -> int:
-        return (height // self.downsample) * (width // self.downsample) // self.parallel_num
+        return self.size_rule.ar_steps(height, width)
 
 
-def describe_t2i(path: str) -> T2IInfo:
-    files = ModelFiles.find(path)
-    head = HeadConfig.from_json(read_json(files.head_config), files.head_config)
-    ae = AutoencoderConfig.from_json(read_json(files.ae_config), files.ae_config)
-    return T2IInfo(files.layout, head.parallel_num, ae.downsample, ae.z_channels, head.ch_cond)
+def describe_t2i(source: str | T2IConfigs) -> T2IInfo:
+    """A model folder (its configs are read) or configs already read (nothing is read again)."""
+    cfg = source if isinstance(source, T2IConfigs) else read_t2i_configs(source)
+    codec = load_prompt_codec(cfg.files.tokenizer_folder)
+    rule = SizeRule(cfg.ae.downsample, cfg.head.parallel_num, max_res_token(codec.has_token))
+    return T2IInfo(cfg.files.layout, cfg.head.parallel_num, cfg.ae.downsample, cfg.ae.z_channels, cfg.head.ch_cond,
+                   rule, os.path.basename(os.path.normpath(cfg.path)))
 
 
 def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig):

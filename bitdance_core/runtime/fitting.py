@@ -58,7 +58,7 @@ class LoadDecision:
         mem = (f"peak ~{self.plan.peak_bytes / GiB:.1f} GiB of {self.free_bytes / GiB:.1f} GiB free"
                if self.free_bytes is not None else f"peak ~{self.plan.peak_bytes / GiB:.2f} GiB")
         imgs = f"{self.num_images} image{'s' if self.num_images != 1 else ''}"
-        return (f"weights {self.weights}, offload {mode}; {mem} on {self.device} (planned for {self.height}x{self.width}, "
+        return (f"weights {self.weights}, offload {mode}; {mem} on {self.device} (planned for {self.width}x{self.height}, "
                 f"{imgs}, cfg {self.cfg:g}): {self.reason}")
 
     def as_dict(self) -> dict:
@@ -168,7 +168,7 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
     # nothing fits what was asked: say what was needed, and what would fit
     tried = [(w, smallest(w, offload)) for w in cands]
     w_min, p_min = min(tried, key=lambda t: t[1].peak_bytes)
-    what = f"one {height}x{width} image" if num_images == 1 else f"{num_images} images of {height}x{width}"
+    what = f"one {width}x{height} image" if num_images == 1 else f"{num_images} images of {width}x{height}"
     asked = "" if (weights, offload) == ("auto", "auto") else f" with weights={weights} and offload={offload}"
     msg = (f"{name} does not fit the GPU: {_gib(free_bytes)} free (less a {margin:.0%} margin and "
            f"{reserve_bytes >> 20} MiB reserve: {fits}) for {what} at cfg {cfg:g}; the smallest plan{asked} "
@@ -250,7 +250,7 @@ def check_generation(pipe, decision: LoadDecision, height: int, width: int, num_
     if got.peak_bytes <= usable:
         return GenerationCheck(got, usable, _largest_batch(plan, usable, num_images), "")
     most = _largest_batch(plan, usable, 0)
-    what = f"one {height}x{width} image" if num_images == 1 else f"{num_images} images of {height}x{width}"
+    what = f"one {width}x{height} image" if num_images == 1 else f"{num_images} images of {width}x{height}"
     mode = decision.offload + (f" ({decision.resident_layers} resident layers)" if decision.offload == "stream" else "")
     msg = (f"{what} at cfg {cfg:g} needs ~{_gib(got.peak_bytes)} of GPU memory with the model as loaded "
            f"({decision.weights} weights, offload {mode}), more than the {_gib(usable)} usable "

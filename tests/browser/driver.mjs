@@ -5,8 +5,13 @@
 //   node driver.mjs shot CONFIG.json      load the UI workflow "run", queue it from the page, wait for
 //                                         its output image, screenshot (the README's picture)
 //
+//   node driver.mjs graphs CONFIG.json    load each UI workflow "graphs" [[ui_path, png_path], ...], fit the
+//                                         view, screenshot the canvas (for the template thumbnails)
+//
 // CONFIG: {"url": ..., "screenshot": ..., "convert": [[api_path, ui_path], ...],
-//          "ui_workflows": [[ui_path, api_path], ...], "run": ui_path}
+//          "ui_workflows": [[ui_path, api_path], ...], "run": ui_path, "pack": the pack's folder name,
+//          "demo_run": ui_path, "class_workflow": ui_path, "missing_model": ui_path, "graphs": [...],
+//          "template_names": [the pack's workflow names]}
 // Prints one JSON line with the results; exits non-zero on an unexpected failure.
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -32,13 +37,97 @@ async function queueAndShoot(page, url, screenshot) {
   const after = await (await fetch(url + "/history")).json();
   const new_prompts = Object.keys(after).filter((k) => !(k in before)).length;
   await page.keyboard.press("Escape");
+  await fitView(page);
+  if (screenshot) await page.screenshot({ path: screenshot });
+  return { output, new_prompts };
+}
+
+async function fitView(page) {
   await page.evaluate(async () => {
     try { await window.app.extensionManager.command.execute("Comfy.Canvas.FitView"); } catch (e) { /* older frontends */ }
     window.app.graph.setDirtyCanvas(true, true);
   });
   await page.waitForTimeout(800);
-  await page.screenshot({ path: screenshot });
-  return { output, new_prompts };
+}
+
+// BitDance nodes whose title the canvas would cut: LiteGraph shortens a title wider than the node
+// less two title heights (the collapse dot and the right margin); measured here independently.
+function cutTitles() {
+  const LG = window.LiteGraph;
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = `${LG.NODE_TEXT_SIZE}px ${LG.NODE_FONT}`;
+  return window.app.graph._nodes
+    .filter((n) => String(n.comfyClass).startsWith("BitDance"))
+    .filter((n) => ctx.measureText(n.title).width > n.size[0] - 2 * LG.NODE_TITLE_HEIGHT)
+    .map((n) => `${n.title} (${Math.round(n.size[0])} px wide)`);
+}
+
+// The node of a class in the loaded graph, drawn until its web-extension state has an answer.
+async function waitForInfo(page, comfyClass) {
+  await page.waitForFunction((cls) => {
+    const n = window.app.graph._nodes.find((x) => x.comfyClass === cls);
+    window.app.graph.setDirtyCanvas(true, true);
+    return n?.bitdance?.status && n.bitdance.status !== "…" && n.bitdance.model !== undefined;
+  }, comfyClass, { timeout: 30000 });
+  await page.waitForTimeout(300);
+}
+
+// The template browser on this pack's category: the cards of `names` in display order (rows, then
+// left to right) and the width of each card's thumbnail (0: none; the frontend shows its own
+// placeholder when NAME.jpg is missing).
+async function templateCards(page, pack, names) {
+  await page.evaluate(async () => { await window.app.extensionManager.command.execute("Comfy.BrowseTemplates"); });
+  await page.getByText(pack, { exact: true }).first().click({ timeout: 30000 });
+  // the cards once every one is there with its thumbnail loaded (falsy until then; a missing
+  // thumbnail times out here, and its 404 is in the responses the test checks)
+  const handle = await page.waitForFunction((names) => {
+    const byName = new Map();
+    for (const e of document.querySelectorAll("body *")) {
+      const t = e.children.length === 0 ? e.textContent.trim() : null;
+      if (t && names.includes(t) && !byName.has(t)) byName.set(t, e);
+    }
+    const cards = [...byName.entries()].map(([name, e]) => {
+      let card = e;
+      while (card && !card.querySelector("img")) card = card.parentElement;
+      const others = names.filter((n) => n !== name && card?.textContent.includes(n));
+      const img = others.length ? null : card?.querySelector("img"); // not another card's thumbnail
+      const r = e.getBoundingClientRect();
+      return { name, top: Math.round(r.top), left: Math.round(r.left), complete: Boolean(img?.complete),
+               width: img?.naturalWidth ?? 0 };
+    }).sort((a, b) => a.top - b.top || a.left - b.left);
+    return cards.length === names.length && cards.every((c) => c.complete) && cards;
+  }, names, { timeout: 30000 });
+  const cards = await handle.jsonValue();
+  await page.keyboard.press("Escape");
+  await page.waitForTimeout(300);
+  return cards.map(({ name, width }) => ({ name, width }));
+}
+
+// After a run from the page: the AR sampler's last preview against the Save Image output (same
+// size, and close: the whole image, not a partial one; JPEG vs PNG).
+async function previewVsOutput(page) {
+  return await page.evaluate(async () => {
+    const nodes = window.app.graph._nodes;
+    const sampler = nodes.find((n) => n.comfyClass === "BitDanceARSampler");
+    const save = nodes.find((n) => n.comfyClass === "SaveImage");
+    const previews = window.app.nodePreviewImages?.[String(sampler.id)] ?? [];
+    const load = (src) => new Promise((ok, bad) => { const i = new Image(); i.onload = () => ok(i); i.onerror = bad; i.src = src; });
+    const pixels = (img) => {
+      const c = document.createElement("canvas");
+      c.width = img.naturalWidth; c.height = img.naturalHeight;
+      const ctx = c.getContext("2d");
+      ctx.drawImage(img, 0, 0);
+      return ctx.getImageData(0, 0, c.width, c.height).data;
+    };
+    if (!previews.length) return { previews: 0 };
+    const pv = await load(previews[previews.length - 1]);
+    const out = await load(save.imgs[0].src);
+    const a = pixels(pv), b = pixels(out);
+    let diff = 0;
+    if (a.length === b.length) for (let i = 0; i < a.length; i++) if (i % 4 !== 3) diff += Math.abs(a[i] - b[i]);
+    return { previews: previews.length, preview: [pv.naturalWidth, pv.naturalHeight],
+             output: [out.naturalWidth, out.naturalHeight], mean_abs_diff: a.length === b.length ? diff / (a.length * 0.75) : null };
+  });
 }
 
 const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ARGS });
@@ -76,6 +165,7 @@ try {
     // 1. every UI-format workflow loads as drag-and-drop loads it, and the UI would queue exactly
     //    the API-format twin
     result.ui_workflows = {};
+    result.cut_titles = {};
     for (const [uiPath, apiPath] of cfg.ui_workflows) {
       const ui = JSON.parse(fs.readFileSync(uiPath, "utf8"));
       const api = JSON.parse(fs.readFileSync(apiPath, "utf8"));
@@ -94,6 +184,7 @@ try {
       }
       if (Object.keys(prompt).length !== Object.keys(api).length) diffs.push("node count differs");
       result.ui_workflows[uiPath] = diffs;
+      result.cut_titles[uiPath] = await page.evaluate(cutTitles);
     }
 
     // 1b. the web extension follows the split loader too (its three files and parallel_num)
@@ -146,6 +237,95 @@ try {
     // 4. queue from the page; the output image appears on the Save Image node
     Object.assign(result, await queueAndShoot(page, cfg.url, cfg.screenshot));
     result.screenshot = cfg.screenshot;
+
+    // 5. the demo from the page: the sampler's preview ends as the whole image, at its own size
+    const demo = JSON.parse(fs.readFileSync(cfg.demo_run, "utf8"));
+    await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, demo);
+    await waitForInfo(page, "BitDanceARSampler");
+    result.demo = await page.evaluate(() => {
+      const n = window.app.graph._nodes.find((x) => x.comfyClass === "BitDanceARSampler");
+      return { presets: n.bitdance.presets.map((p) => [p.width, p.height]), status: n.bitdance.status,
+               colour: n.bitdance.statusColour };
+    });
+    const demoRun = await queueAndShoot(page, cfg.url, null);
+    result.demo.new_prompts = demoRun.new_prompts;
+    result.demo.preview = await previewVsOutput(page);
+
+    // 6. the class sampler lists the connected model's classes; a class chosen for another model
+    //    keeps its index
+    const cls = JSON.parse(fs.readFileSync(cfg.class_workflow, "utf8"));
+    await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, cls);
+    await waitForInfo(page, "BitDanceImageNetSampler");
+    result.classes = await page.evaluate(async () => {
+      const n = window.app.graph._nodes.find((x) => x.comfyClass === "BitDanceImageNetSampler");
+      const w = n.widgets.find((x) => x.name === "class_name");
+      const out = { options: [...w.options.values], value: w.value, status: n.bitdance.status, colour: n.bitdance.statusColour };
+      w.value = "3: tiger shark"; // as a workflow made for an ImageNet model would have it
+      n.bitdance.model = undefined; // the next draw asks again
+      for (let i = 0; i < 20 && w.value === "3: tiger shark"; i++) {
+        window.app.graph.setDirtyCanvas(true, true);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      out.relabelled = w.value;
+      out.queued = (await window.app.graphToPrompt()).output[String(n.id)].inputs.class_name;
+      return out;
+    });
+
+    // 7. a workflow whose model is not on disk: the status line says so, in the warning colour
+    const missing = JSON.parse(fs.readFileSync(cfg.missing_model, "utf8"));
+    await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, missing);
+    await waitForInfo(page, "BitDanceARSampler");
+    result.missing = await page.evaluate(() => {
+      const n = window.app.graph._nodes.find((x) => x.comfyClass === "BitDanceARSampler");
+      return { status: n.bitdance.status, colour: n.bitdance.statusColour };
+    });
+
+    // 8. the template browser: this pack's thumbnails are served, the demo workflows come first
+    const thumbs = [];
+    page.on("response", (r) => { if (r.url().endsWith(".jpg") && r.url().includes("/workflow_templates/")) thumbs.push([r.status(), r.url()]); });
+    result.templates = await templateCards(page, cfg.pack, cfg.template_names);
+    result.thumbnail_responses = thumbs;
+  }
+
+  if (mode === "graphs") {
+    for (const [uiPath, png] of cfg.graphs) {
+      const ui = JSON.parse(fs.readFileSync(uiPath, "utf8"));
+      await page.evaluate(async (ui) => {
+        await window.app.loadGraphData(ui);
+        // two rows of nodes (in link order) for a squarer picture; the file is not changed
+        const order = [...window.app.graph._nodes].sort((a, b) => Number(a.id) - Number(b.id));
+        const perRow = Math.ceil(order.length / 2);
+        let x = 0, y = 0, rowHeight = 0;
+        order.forEach((n, i) => {
+          if (i === perRow) { x = 0; y += rowHeight + 80; }
+          n.pos = [x, y];
+          x += n.size[0] + 50;
+          rowHeight = Math.max(rowHeight, n.size[1] + window.LiteGraph.NODE_TITLE_HEIGHT);
+        });
+      }, ui);
+      await page.waitForTimeout(1000);
+      await fitView(page);
+      // the canvas's own pixels (no menus or banners over it), cropped to the nodes
+      const data = await page.evaluate(() => {
+        const c = window.app.canvas, LG = window.LiteGraph, dpr = window.devicePixelRatio || 1;
+        c.draw(true, true);
+        let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+        for (const n of window.app.graph._nodes) {
+          const [ax, ay] = c.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - LG.NODE_TITLE_HEIGHT]);
+          const [bx, by] = c.ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+          x0 = Math.min(x0, ax); y0 = Math.min(y0, ay); x1 = Math.max(x1, bx); y1 = Math.max(y1, by);
+        }
+        const pad = 24, src = c.canvas;
+        const sx = Math.max(0, (x0 - pad) * dpr), sy = Math.max(0, (y0 - pad) * dpr);
+        const w = Math.min(src.width - sx, (x1 - x0 + 2 * pad) * dpr), h = Math.min(src.height - sy, (y1 - y0 + 2 * pad) * dpr);
+        const out = document.createElement("canvas");
+        out.width = Math.round(w); out.height = Math.round(h);
+        out.getContext("2d").drawImage(src, sx, sy, w, h, 0, 0, out.width, out.height);
+        return out.toDataURL("image/png").split(",")[1];
+      });
+      fs.writeFileSync(png, Buffer.from(data, "base64"));
+    }
+    result.graphs = cfg.graphs.length;
   }
 
   if (mode === "shot") {

@@ -55,16 +55,23 @@ class ComfyClient:
         return body["prompt_id"]
 
     def history(self, prompt_id: str) -> dict | None:
+        """The prompt's history entry as it is now: None until ComfyUI has written it (which can be
+        after the websocket said the prompt ended); use wait() for a finished prompt."""
         body = self.get(f"/history/{prompt_id}")
         return body.get(prompt_id)
 
+    @staticmethod
+    def finished(entry: dict | None) -> bool:
+        status = (entry or {}).get("status") or {}
+        return status.get("completed") is not None and status.get("status_str") in ("success", "error")
+
     def wait(self, prompt_id: str, timeout: float = 300) -> dict:
-        """The history entry once the prompt has finished (successfully or not)."""
+        """The history entry once the prompt has finished (successfully or not): /history/<id> is
+        polled until it holds the finished entry, at most `timeout` seconds."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             entry = self.history(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and \
-                    entry["status"].get("status_str") in ("success", "error"):
+            if self.finished(entry):
                 return entry
             if self.proc.poll() is not None:
                 raise AssertionError(f"ComfyUI died (exit {self.proc.returncode})")
@@ -103,11 +110,15 @@ class ComfyClient:
 
     # --- websocket --------------------------------------------------------------------------
     def run_watching(self, prompt: dict, timeout: float = 300, on_message=None):
-        """Queue `prompt` and collect the websocket messages for it until it ends.
+        """Queue `prompt` and collect the websocket messages for it until it ends, then wait for its
+        history entry (ComfyUI may send the end message before it writes the history).
 
-        Returns (prompt_id, json messages [(type, data)], binary message count). `on_message(type, data)`
-        is called for each JSON message (used to interrupt mid-run)."""
-        return asyncio.run(self._run_watching(prompt, timeout, on_message))
+        Returns (history entry, json messages [(type, data)], binary message count).
+        `on_message(type, data)` is called for each JSON message (used to interrupt mid-run)."""
+        t0 = time.time()
+        prompt_id, msgs, binary = asyncio.run(self._run_watching(prompt, timeout, on_message))
+        entry = self.wait(prompt_id, max(1.0, timeout - (time.time() - t0)))
+        return entry, msgs, binary
 
     async def _run_watching(self, prompt, timeout, on_message):
         import aiohttp

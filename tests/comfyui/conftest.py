@@ -24,6 +24,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
 from comfy_client import ComfyClient  # noqa: E402
+from helpers import PACK_NAME  # noqa: E402
 from run_workflow import free_port, stop_server, tail  # noqa: E402  (the demo command's own helpers)
 from helpers import UNIWETOK  # noqa: E402
 from split_files import KINDS, write_split  # noqa: E402  (tests/: on the pytest pythonpath)
@@ -33,7 +34,6 @@ COMFY_DIR = os.path.abspath(os.environ.get("BITDANCE_COMFYUI_DIR") or os.path.jo
 COMFY_PYTHON = os.environ.get("BITDANCE_COMFYUI_PYTHON") or sys.executable
 FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures")
 ARTIFACTS = os.path.join(REPO, "tests", "artifacts")
-PACK_NAME = "ComfyUI-BitDance"
 START_TIMEOUT = 180
 
 # Fixture models as the server sees them: models/bitdance/<name>

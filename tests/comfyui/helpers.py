@@ -6,6 +6,7 @@ import json
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACK_NAME = "ComfyUI-BitDance"  # the pack's folder name in the test server's custom_nodes/
 WORKFLOWS = os.path.join(REPO, "workflows")  # UI format: what ComfyUI's template browser lists
 API_WORKFLOWS = os.path.join(WORKFLOWS, "api")  # their API-format twins (.api.json), for HTTP queueing
 

@@ -6,9 +6,17 @@
   AR step counts, selecting one sets width/height, not sent to the server), it is queued from the
   page and the output image appears on its Save Image node; a screenshot is kept in tests/artifacts/.
 
+- the demo workflow run from the page: the AR sampler's preview ends as the whole image at its own
+  size (32x32, not scaled to 512); the presets are the demo model's sizes;
+- the class sampler lists the connected model's classes ("0" .. "9" for the digits model);
+- a model not on disk is shown in the sampler's status line in the warning colour;
+- no BitDance node's title is cut off;
+- the template browser shows this pack's thumbnails (served, not the 404 placeholder), demos first.
+
 `BITDANCE_WRITE_UI_WORKFLOWS=1 pytest tests/comfyui/test_browser.py -k write` regenerates the
-UI-format files from the API-format ones through the real frontend, and the README's screenshot
-(docs/images/comfyui_demo_digits.png: workflows/demo_digits_t2i.json after a run in the page).
+UI-format files from the API-format ones through the real frontend, the README's screenshot
+(docs/images/comfyui_demo_digits.png: workflows/demo_digits_t2i.json after a run in the page), and
+the template thumbnails (workflows/NAME.jpg, see thumbnails.py).
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ import subprocess
 
 import pytest
 
-from helpers import API_WORKFLOWS, REPO, TEST_WORKFLOWS, WORKFLOWS, ui_twin
+from helpers import API_WORKFLOWS, PACK_NAME, REPO, TEST_WORKFLOWS, WORKFLOWS, load, ui_twin
+from thumbnails import compose, grid, templates
 
 BROWSER_DIR = os.path.join(REPO, "tests", "browser")
 ARTIFACTS = os.path.join(REPO, "tests", "artifacts")
@@ -38,8 +47,15 @@ def _drive(comfy, mode: str, config: dict, tmp_path, timeout: int = 420) -> dict
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+OK_COLOUR, WARNING_COLOUR = "#8fc", "#fb3"  # web/bitdance.js: the status line's colours
+
+
+def _api_files():
+    return sorted(glob.glob(os.path.join(API_WORKFLOWS, "*.api.json")))
+
+
 def _pairs():
-    return [(ui_twin(p), p) for p in sorted(glob.glob(os.path.join(API_WORKFLOWS, "*.api.json")))]
+    return [(ui_twin(p), p) for p in _api_files()]
 
 
 @pytest.mark.writer  # a tool, not a check: collected only with BITDANCE_WRITE_UI_WORKFLOWS=1 (see conftest)
@@ -84,6 +100,25 @@ def test_write_readme_screenshot(comfy, tmp_path):
     assert os.path.getsize(shot) > 10_000
 
 
+@pytest.mark.writer
+def test_write_template_thumbnails(comfy, tmp_path):
+    """workflows/NAME.jpg: a demo workflow's own output (run here), another's graph as the UI draws it."""
+    entries = templates()
+    graphs = [[os.path.join(WORKFLOWS, e["name"] + ".json"), str(tmp_path / (e["name"] + ".png"))]
+              for e in entries if not e["no_download"]]
+    _drive(comfy, "graphs", {"graphs": graphs}, tmp_path)
+    for e in entries:
+        if e["no_download"]:
+            entry = comfy.run(load(os.path.join(API_WORKFLOWS, e["name"] + ".api.json")))
+            picture = grid([im for ims in comfy.images(entry).values() for im in ims])
+        else:
+            from PIL import Image
+
+            picture = Image.open(tmp_path / (e["name"] + ".png"))
+        compose(picture, e["description"], e["no_download"]).save(os.path.join(WORKFLOWS, e["name"] + ".jpg"),
+                                                                  quality=90)
+
+
 def test_browser(comfy, upload_example, tmp_path):
     os.makedirs(ARTIFACTS, exist_ok=True)
     shot = os.path.join(ARTIFACTS, "browser_tiny_t2i.png")
@@ -96,6 +131,11 @@ def test_browser(comfy, upload_example, tmp_path):
                                                         for n in ("tiny_t2i", "tiny_t2i_split")],
         "run": os.path.join(TEST_WORKFLOWS, "tiny_t2i.json"),
         "split_ui": os.path.join(TEST_WORKFLOWS, "tiny_t2i_split.json"),
+        "demo_run": os.path.join(WORKFLOWS, "demo_digits_t2i.json"),
+        "class_workflow": os.path.join(WORKFLOWS, "demo_digits_class.json"),
+        "missing_model": os.path.join(WORKFLOWS, "bitdance_t2i_64x_1024.json"),
+        "pack": PACK_NAME,
+        "template_names": [os.path.basename(ui_twin(p))[:-5] for p in _api_files()],
     }, tmp_path)
     assert out["extension_loaded"], out
     assert not out["console_errors"], out["console_errors"]
@@ -115,3 +155,26 @@ def test_browser(comfy, upload_example, tmp_path):
     assert out["output"]["width"] == 256 and out["output"]["height"] == 256 and "/view?" in out["output"]["src"]
     assert out["new_prompts"] == 1
     assert os.path.getsize(shot) > 10_000
+    for path, cut in out["cut_titles"].items():
+        assert cut == [], f"{path}: titles cut off: {cut}"
+
+    demo = out["demo"]
+    assert demo["presets"][0] == [32, 32] and demo["presets"][-1] == [512, 512] and demo["colour"] == OK_COLOUR, demo
+    pv = demo["preview"]
+    assert demo["new_prompts"] == 1 and pv["previews"] >= 1, demo
+    assert pv["preview"] == pv["output"] == [32, 32], pv  # the caption reads 32 x 32
+    assert pv["mean_abs_diff"] < 8, pv  # the whole image (JPEG of the PNG output), not a partial one
+
+    classes = out["classes"]
+    assert classes["options"] == [str(i) for i in range(10)] and classes["value"] == "7", classes
+    assert classes["colour"] == OK_COLOUR, classes
+    assert classes["relabelled"] == "3" and classes["queued"] == "3", classes
+
+    missing = out["missing"]
+    assert missing["status"] == "model not on disk: BitDance-14B-64x" and missing["colour"] == WARNING_COLOUR, missing
+
+    order = [t["name"] for t in out["templates"]]
+    assert sorted(order) == sorted(os.path.basename(ui_twin(p))[:-5] for p in _api_files()), order
+    assert order == [e["name"] for e in templates()], order  # demo workflows (no download) first
+    assert all(t["width"] == 512 for t in out["templates"]), out["templates"]
+    assert out["thumbnail_responses"] and all(st == 200 for st, _ in out["thumbnail_responses"]), out["thumbnail_responses"]

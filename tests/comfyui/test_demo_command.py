@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from helpers import API_WORKFLOWS, REPO
+from helpers import API_WORKFLOWS, REPO, load
 
 from bitdance_core import demo_models
 
@@ -91,3 +91,38 @@ def test_demo_script_runs_this_workflow():
     for part in ("scripts/setup_engine.sh", "scripts/setup_comfyui.sh", "SKIP_BROWSER", "scripts/run_workflow.py",
                  "workflows/api/demo_digits_t2i.api.json", "out/demo.png", "out/comfyui-demo"):
         assert part in sh, part
+
+
+def test_a_batch_is_named_as_the_cli_names_it(comfy, demo_models_present, tmp_path):
+    """Four images from a workflow (scripts/run_workflow.py) and from the engine CLI, both asked for as
+    sevens.png: the same names, sevens_0.png .. sevens_3.png."""
+    wf_out, cli_out = tmp_path / "workflow" / "sevens.png", tmp_path / "cli" / "sevens.png"
+    proc = subprocess.run([sys.executable, SCRIPT, os.path.join(API_WORKFLOWS, "demo_digits_class.api.json"),
+                           "--url", comfy.url, "--out", str(wf_out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    os.makedirs(cli_out.parent)
+    cli = subprocess.run([sys.executable, "-m", "bitdance_core", "t2i", "--model", demo_models.T2I,
+                          "--prompt", demo_models.prompt(7), "--height", "32", "--width", "32", "--steps", "2",
+                          "--cfg", "4", "--num-images", "4", "--device", "cpu", "--out", str(cli_out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    names = ["sevens_0.png", "sevens_1.png", "sevens_2.png", "sevens_3.png"]
+    assert [os.path.basename(p) for p in proc.stdout.strip().splitlines()[-4:]] == names, proc.stdout
+    assert [os.path.basename(p) for p in cli.stdout.strip().splitlines()[-4:]] == names, cli.stdout
+    for folder in (wf_out.parent, cli_out.parent):
+        assert sorted(os.listdir(folder)) == names
+        for n in names:
+            with Image.open(folder / n) as im:
+                assert im.format == "PNG" and im.size == (32, 32)
+
+
+def test_the_loaders_console_line_describes_the_demo_model(comfy, demo_models_present):
+    """The memory planner's line names the model's own geometry and plans for a size it makes (not the
+    14B models' 1024x1024)."""
+    comfy.run(load(DEMO_WORKFLOW))
+    with open(comfy.log_path) as f:
+        lines = [ln for ln in f if ln.startswith(f"[BitDance] {T2I_NAME} (")]
+    assert lines, "no planner line for the demo model in the server log"
+    assert lines[-1].startswith(f"[BitDance] {T2I_NAME} (4 tokens per step, 13 sizes from 32x32 to 512x512; memory "
+                                "planned for its largest square, 512x512): weights as-is, offload none"), lines[-1]
+    assert "planned for 512x512, 1 image" in lines[-1] and "1024x1024" not in lines[-1], lines[-1]

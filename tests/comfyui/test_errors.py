@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
-from helpers import node_of, tiny_t2i
+import pytest
+
+from helpers import API_WORKFLOWS, load, node_of, tiny_t2i
 
 
 def _error(comfy, entry) -> dict:
@@ -23,18 +24,14 @@ def test_interrupt_ends_sampling_within_one_block_and_the_next_prompt_runs(comfy
     def on_message(t, d):
         if t == "progress" and d.get("node") == sampler_id and d["value"] >= 3 and "at" not in seen:
             seen["at"] = d["value"]
-            seen["t"] = time.time()
             comfy.interrupt()
 
-    t0 = time.time()
-    prompt_id, msgs, _ = comfy.run_watching(wf, timeout=300, on_message=on_message)
-    assert msgs[-1][0] == "execution_interrupted", [m[0] for m in msgs[-5:]]
+    entry, msgs, _ = comfy.run_watching(wf, timeout=300, on_message=on_message)
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in [m[0] for m in entry["status"]["messages"]], entry["status"]
     values = [d["value"] for t, d in msgs if t == "progress" and d.get("node") == sampler_id]
     assert values[-1] <= seen["at"] + 1, f"interrupt asked at block {seen['at']}, sampling went on to {values[-1]}"
     assert values[-1] < 256
-    entry = comfy.wait(prompt_id)
-    assert entry["status"]["status_str"] == "error"
-    assert time.time() - t0 < 120
     # the server carries on
     after = comfy.run(tiny_t2i(seed=6))
     assert after["status"]["status_str"] == "success"
@@ -129,3 +126,33 @@ def test_download_failure_names_the_repository_and_folder(comfy):
     msg = err["exception_message"]
     assert "downloading shallowdream204/BitDance-14B-16x into" in msg and "BitDance-14B-16x" in msg
     assert not os.path.exists(os.path.join(comfy.base, "models", "bitdance", "BitDance-14B-16x"))
+
+
+@pytest.mark.parametrize("name,node,repo", [
+    ("bitdance_imagenet_class", "BitDanceImageNetLoader", "shallowdream204/BitDance-ImageNet"),
+    ("bitdance_tokenizer_roundtrip", "BitDanceTokenizerLoader", "shallowdream204/BitDance-Tokenizer"),
+])
+def test_missing_released_model_is_reported_once_with_its_download_command(comfy, upload_example, name, node, repo):
+    """A released workflow queued as it is (its model not on disk): one error for that model (ComfyUI
+    repeats a failed validate_inputs for every input the function takes), naming the folder it goes
+    in and the command that downloads it."""
+    wf = load(os.path.join(API_WORKFLOWS, f"{name}.api.json"))
+    status, body = comfy.post_prompt(wf)
+    assert status == 400, body
+    errors = [e for n in body["node_errors"].values() for e in n["errors"]]
+    assert len(errors) == 1, json.dumps(body["node_errors"], indent=1)
+    loader_id = next(k for k, v in wf.items() if v["class_type"] == node)
+    assert list(body["node_errors"]) == [loader_id]
+    folder = os.path.join(comfy.base, "models", "bitdance", repo.split("/")[1])
+    assert f"hf download {repo} --local-dir {folder}" in errors[0]["details"], errors[0]
+
+
+def test_class_the_model_does_not_have_names_its_classes(comfy):
+    """The digits demo has classes '0' .. '9': an ImageNet class (index 207) is refused when it runs,
+    with the model's own class list."""
+    wf = load(os.path.join(API_WORKFLOWS, "demo_digits_class.api.json"))
+    node_of(wf, "BitDanceImageNetSampler")["inputs"].update(class_name="207: golden retriever", batch_size=1)
+    err = _error(comfy, comfy.wait(comfy.queue_prompt(wf)))
+    msg = err["exception_message"]
+    assert err["node_type"] == "BitDanceImageNetSampler", err
+    assert "class_name '207: golden retriever'" in msg and "10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)" in msg, msg

@@ -14,7 +14,7 @@ def _run_all(comfy, seeds, timeout=600):
     while pending and time.time() < deadline:
         for pid in list(pending):
             entry = comfy.history(pid)
-            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+            if comfy.finished(entry):
                 assert entry["status"]["status_str"] == "success", entry["status"]
                 pending.discard(pid)
         time.sleep(0.2)

@@ -24,7 +24,7 @@ from bitdance_core.pipelines.prompts import (QWEN_MERGES_SHA256, QWEN_VOCAB_SHA2
 from conftest import COMFY_DIR, MODELS
 from helpers import TEST_WORKFLOWS, load, node_of
 from test_comfy_split import PROMPTS, qwen3_files
-from test_t2i_fixtures import blocks_to_raster
+from paths import fixture_tokens_raster
 
 COMFY_QWEN = os.path.join(COMFY_DIR, "comfy", "text_encoders", "qwen25_tokenizer")
 LOADER = "BitDanceSplitModelLoader"
@@ -149,8 +149,7 @@ def test_full_precision_split_files_give_the_official_tokens_in_comfyui(comfy):
         (p["width"], p["height"], p["num_sampling_steps"], p["guidance_scale"], p["seed"])
     assert node_of(wf, "BitDanceTextEncode")["inputs"]["prompt"] == p["prompt"]
     bits, pixels = _run(comfy, wf)
-    h, w = p["latent_grid_hw"]
-    ref = blocks_to_raster(np.load(os.path.join(case, "tokens.npy")), h, w, p["patch_side_ps"])
+    ref = fixture_tokens_raster(case)
     assert int((bits.numpy() != ref).sum()) == 0
     diff = np.abs(pixels.astype(int) - np.load(os.path.join(case, "image.npy")).astype(int))
     assert diff.max() <= 1
@@ -207,7 +206,7 @@ def test_model_info_route_reads_the_split_files(comfy):
     q = "main_model=tiny_qwen_main.safetensors&text_encoder=tiny_qwen_text_encoder.safetensors&vae=tiny_qwen_vae.safetensors"
     info = comfy.get(f"/bitdance/model_info?{q}&parallel_num=auto")
     assert info["available"] and info["parallel_num"] == 16 and info["downsample"] == 16 and info["layout"] == "split"
-    assert [1024, 1024] in info["official_sizes"]
+    assert info["official_sizes"] is True and [1024, 1024] in info["sizes"]  # the official presets (res tokens to 256)
     wrong = comfy.get(f"/bitdance/model_info?{q}&parallel_num=64")
     assert wrong["available"] is False and "151940 rows is that of a 16x model" in wrong["error"]
     missing = comfy.get("/bitdance/model_info?main_model=BitDance_14B_MainModel_FP8.safetensors"

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import copy
 import glob
+import io
 import json
 import os
+import urllib.request
 
 import pytest
+from PIL import Image
 
-from helpers import API_WORKFLOWS, WORKFLOWS, load, ui_twin
+from helpers import API_WORKFLOWS, PACK_NAME, WORKFLOWS, load, ui_twin
+from thumbnails import SIZE, templates
 
 from bitdance_core import demo_models
 
@@ -88,8 +92,22 @@ def test_every_workflow_has_both_formats():
     assert os.path.join(API_WORKFLOWS, "demo_digits_t2i.api.json") in API_FILES
     for api in API_FILES:
         assert os.path.isfile(ui_twin(api)), f"{api}: no UI-format twin"
-    # workflows/ itself holds only UI-format files: ComfyUI lists them as this pack's templates
-    assert sorted(os.listdir(WORKFLOWS)) == sorted([os.path.basename(ui_twin(p)) for p in API_FILES] + ["api"])
+    # workflows/ itself holds only UI-format files (ComfyUI lists them as this pack's templates) and
+    # their thumbnails
+    names = [os.path.basename(ui_twin(p))[:-5] for p in API_FILES]
+    assert sorted(os.listdir(WORKFLOWS)) == sorted([n + ".json" for n in names] + [n + ".jpg" for n in names] + ["api"])
+
+
+def test_every_template_is_described_demos_first():
+    """web/templates.json (the template browser's order, the thumbnails' captions): every workflow
+    once, a one-line description each, the demo workflows first and only they marked no_download."""
+    entries = templates()
+    assert sorted(e["name"] for e in entries) == sorted(os.path.basename(ui_twin(p))[:-5] for p in API_FILES)
+    for e in entries:
+        assert e["description"].strip() and "\n" not in e["description"], e
+        assert e["no_download"] == is_demo(load(os.path.join(API_WORKFLOWS, e["name"] + ".api.json"))), e
+    flags = [e["no_download"] for e in entries]
+    assert flags == sorted(flags, reverse=True) and flags[0], "the demo workflows come first"
 
 
 @pytest.mark.parametrize("path", API_FILES, ids=[os.path.basename(p) for p in API_FILES])
@@ -102,11 +120,15 @@ def test_workflow_runs(comfy, upload_example, path):
 
 def test_workflows_are_the_packs_templates(comfy):
     """ComfyUI lists a pack's workflows/ folder in its template browser (Workflow > Browse Templates):
-    the UI workflows, not their API twins, each served as a loadable UI workflow."""
-    from conftest import PACK_NAME
+    the UI workflows, not their API twins, each served as a loadable UI workflow, with its thumbnail."""
 
     listed = comfy.get("/workflow_templates")
     assert sorted(listed.get(PACK_NAME, [])) == sorted(os.path.basename(ui_twin(p))[:-5] for p in API_FILES)
     for name in listed[PACK_NAME]:
         wf = json.loads(comfy.get_bytes(f"/api/workflow_templates/{PACK_NAME}/{name}.json"))
         assert wf["nodes"] and "links" in wf and any(n["type"].startswith("BitDance") for n in wf["nodes"]), name
+        # the thumbnail, where ComfyUI's frontend asks for it (a custom pack's template: NAME.jpg)
+        with urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/jpeg", name
+            thumb = Image.open(io.BytesIO(r.read()))
+        assert thumb.format == "JPEG" and thumb.size == (SIZE, SIZE), name

@@ -1,0 +1,61 @@
+"""The commands a new user types, as the README and --help show them."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+
+from PIL import Image
+
+from paths import REPO, run_cli
+
+
+def test_t2i_help_shows_the_defaults():
+    r = run_cli("t2i", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for option, default in (("--height", "1024"), ("--width", "1024"), ("--steps", "50"), ("--cfg", "7.5"),
+                            ("--num-images", "1"), ("--seed", "0")):
+        assert re.search(rf"{option} \S+ .*?\(default: {re.escape(default)}\)", text), (option, text)
+
+
+def test_the_readme_demo_command_runs_as_written():
+    """The README's first engine command, exactly as printed, run from the pack's folder."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        (line,) = [ln for ln in f if ln.startswith(".venv/bin/python -m bitdance_core t2i --model bitdance_core/")]
+    out = os.path.join(REPO, re.search(r"--out (\S+)", line).group(1))
+    if os.path.exists(out):
+        os.remove(out)
+    r = subprocess.run(["bash", "-c", line], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == os.path.relpath(out, REPO)
+    with Image.open(out) as im:
+        assert im.size == (32, 32)
+
+
+def _fake_checkout(tmp_path):
+    """scripts/test.sh in a copy of the repo layout whose setup scripts and python only say they ran."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(os.path.join(REPO, "scripts", "test.sh"), tmp_path / "scripts" / "test.sh")
+    for name in ("setup_engine.sh", "setup_comfyui.sh"):
+        (tmp_path / "scripts" / name).write_text(f"echo 'ran {name}'\n")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    py = tmp_path / ".venv" / "bin" / "python"
+    py.write_text("#!/bin/sh\necho 'ran pytest'\n")
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
+    return tmp_path / "scripts" / "test.sh"
+
+
+def test_test_sh_says_first_that_it_will_install_chromium_with_apt(tmp_path):
+    script = _fake_checkout(tmp_path)
+    missing = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, CHROMIUM=str(tmp_path / "no-chromium"), SKIP_BROWSER="0"))
+    lines = missing.stdout.splitlines()
+    assert missing.returncode == 0 and lines[-1] == "ran pytest", missing.stdout + missing.stderr
+    assert "apt-get" in lines[0] and "chromium" in lines[0] and "SKIP_BROWSER=1" in lines[0], lines
+    assert lines.index("ran setup_engine.sh") > 0 and lines.index("ran setup_comfyui.sh") > 0
+    present = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, CHROMIUM="/bin/sh", SKIP_BROWSER="0"))
+    assert "apt-get" not in present.stdout and present.stdout.splitlines()[0] == "ran setup_engine.sh", present.stdout
