@@ -1,6 +1,6 @@
 """Text-to-image model folders: which files make one (official or diffusers layout), what it makes
-(from its config files alone), and loading it into a T2IPipeline with its weights as stored or with
-the big linears in fp8.
+(from its config files alone), and loading it into a T2IPipeline with its weights as stored, with
+the big linears in fp8, or with the backbone's linears in 4 bits (GGUF Q4_0; pipelines/t2i_q4.py).
 
 Each config file is read once per load: `read_t2i_configs` reads the three of them, and a caller that
 has them already (the memory planner's decision) passes them on to `load_t2i`.
@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import BitDanceError, require
 from ..formats.checkpoints import check_keys, materialize, open_safetensors, open_sharded, read_json
 from ..formats.fp8 import as_fp8_source, materialize_fp8
+from ..formats.q4 import materialize_q4
 from ..models.ae_layers import AutoencoderConfig
 from ..models.autoencoder import build_autoencoder
 from ..models.head import DiffusionHead, HeadConfig
@@ -25,8 +26,9 @@ from ..models.projector import Projector
 from ..models.qwen3 import Qwen3Backbone, Qwen3Config
 from .prompts import load_prompt_codec
 from .t2i import OFFICIAL_SIZES, T2IPipeline
+from .t2i_q4 import open_q4_backbone
 
-WEIGHTS = ("as-is", "fp8")
+WEIGHTS = ("as-is", "fp8", "4bit")
 
 
 @dataclass
@@ -134,8 +136,11 @@ def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig)
 def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdpa", weights: str = "as-is",
              configs: T2IConfigs | None = None, matmul: str = "dequant",
              include: Callable[[str, nn.Linear], bool] | None = None) -> T2IPipeline:
-    """weights: "as-is" (read in `dtype`) or "fp8" (the backbone's and the head's big linears stored as
-    float8 e4m3, quantised on load unless the file has them in fp8 already; formats/fp8.py).
+    """weights: "as-is" (read in `dtype`), "fp8" (the backbone's and the head's big linears stored as
+    float8 e4m3, quantised on load unless the file has them in fp8 already; formats/fp8.py) or "4bit"
+    (the backbone's linears as GGUF Q4_0 blocks, formats/q4.py, from the folder's backbone-Q4_0.gguf when
+    it is there, otherwise quantised on load; the head's big linears in fp8, because the head runs 51
+    times per block and a 4-bit weight is dequantised on every call: docs/quantization.md).
     configs: the folder's configs when the caller has read them (see read_t2i_configs).
     matmul, include: the fp8 linears' matmul mode and selection (formats/fp8.py)."""
     require(attention in ("sdpa", "flash"), f"attention '{attention}' unknown; use 'sdpa' or 'flash'")
@@ -145,22 +150,26 @@ def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdp
     codec = load_prompt_codec(files.tokenizer_folder)
     backbone, head, projector, ae = build_t2i_modules(*cfg.parts)
     fp8 = weights == "fp8"
-    # (module, weights, name, keys not ours, quantised)
-    sources = [(backbone, open_sharded(files.llm_folder), "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS, fp8),
-               (head, open_safetensors([files.head_weights]), "diffusion head", (), fp8),
-               (projector, open_safetensors([files.projector_weights]), "projector", (), False),
-               (ae, open_safetensors([files.ae_weights]), "autoencoder", (), False)]
+    q4 = weights == "4bit"
+    backbone_src = (open_q4_backbone(cfg) if q4 else None) or open_sharded(files.llm_folder)
+    # (module, weights, name, keys not ours, how: "as-is" | "fp8" | "4bit")
+    sources = [(backbone, backbone_src, "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS, weights),
+               (head, open_safetensors([files.head_weights]), "diffusion head", (), "fp8" if fp8 or q4 else "as-is"),
+               (projector, open_safetensors([files.projector_weights]), "projector", (), "as-is"),
+               (ae, open_safetensors([files.ae_weights]), "autoencoder", (), "as-is")]
     if fp8:  # files may hold fp8 tensors with scale siblings: seen through the fp8 conventions
-        sources = [(m, as_fp8_source(src), what, ign, q) for m, src, what, ign, q in sources]
+        sources = [(m, as_fp8_source(src), what, ign, how) for m, src, what, ign, how in sources]
     # Check every file before reading any weights: a bad shard should fail in a second, not after 30 GB.
     for module, src, what, ignore, _ in sources:
         check_keys(module, src, what, ignore)
-    for module, src, what, ignore, quantised in sources:
-        if quantised:
-            materialize_fp8(module, src, what, device, dtype, ignore, include, matmul)
+    for module, src, what, ignore, how in sources:
+        if how == "fp8":
+            materialize_fp8(module, as_fp8_source(src), what, device, dtype, ignore, include, matmul)
+        elif how == "4bit":
+            materialize_q4(module, src, what, device, dtype, ignore)
         else:
             materialize(module, src, what, device, dtype, ignore)
     backbone.set_attention(attention)
     head.set_attention(attention)
-    name = os.path.basename(os.path.normpath(path)) + (" (fp8)" if fp8 else "")
+    name = os.path.basename(os.path.normpath(path)) + {"as-is": "", "fp8": " (fp8)", "4bit": " (4-bit)"}[weights]
     return T2IPipeline(backbone, head, projector, ae, codec, device, name=name)
