@@ -50,8 +50,14 @@ class GGUFSource:
         return self.tensors[key].tensor_type.name
 
     def metadata(self, key: str, default=None):
+        """A scalar or string metadata value (read from the field's parts: the same in every gguf version)."""
         field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        if field is None or not field.data:
+            return default
+        value = field.parts[field.data[0]]
+        if field.types and field.types[0].name == "STRING":
+            return bytes(value).decode("utf-8")
+        return value.tolist()[0]
 
     def read(self, key: str, device, dtype) -> torch.Tensor:
         t = self.tensors[key]
