@@ -23,6 +23,7 @@ from bitdance_core.formats.gguf_file import GGUFSource, write_gguf
 from bitdance_core.formats.q4 import BLOCK, Q4Linear, dequantize_q4_0, quantize_linears, quantize_q4_0
 from bitdance_core.pipelines.t2i_loading import load_t2i, read_t2i_configs
 from bitdance_core.pipelines.t2i_q4 import Q4_FILE, q4_file, write_q4_backbone
+from bitdance_core.runtime.fitting import plan_for
 from bitdance_core.runtime.offload import apply_offload
 
 warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")
@@ -158,9 +159,11 @@ def folder(request, tmp_path):
 def test_convert_then_load_is_quantise_on_load(folder):
     on_load = load_t2i(folder, weights="4bit")
     assert not os.path.exists(q4_file(folder))
+    assert "quantised on load" in plan_for(folder, None, device="cpu", weights="4bit").reason
     r = run_cli("convert", "--model", folder, "--weights", "4bit")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == q4_file(folder) and os.path.isfile(q4_file(folder))
+    assert f"4-bit backbone from {Q4_FILE}" in plan_for(folder, None, device="cpu", weights="4bit").reason
     from_file = load_t2i(folder, weights="4bit")
     a, b = on_load.backbone.state_dict(), from_file.backbone.state_dict()
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
@@ -287,3 +290,15 @@ def test_offload_modes_carry_4bit_weights(mode, kw):
     assert torch.equal(pipe.generate("a red fox", **GEN), ref), (mode, kw)
     assert off.stats.bytes_moved > 0
     off.remove()
+
+
+def test_q4_linear_under_torch_compile_is_the_same():
+    """`--compile` (inductor) traces the per-call dequantisation into fused kernels: same values."""
+    torch.manual_seed(3)
+    q = Q4Linear.from_linear(nn.Linear(256, 96))
+    x = torch.randn(4, 256)
+    compiled = torch.compile(q)
+    assert torch.equal(compiled(x), q(x))
+    xb = x.to(torch.bfloat16)
+    got, ref = compiled(xb).float(), q(xb).float()
+    assert torch.allclose(got, ref, rtol=2 ** -7, atol=1e-2), (got - ref).abs().max()
