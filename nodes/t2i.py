@@ -42,8 +42,11 @@ class BitDanceModelLoader(io.ComfyNode):
                 # optional: API prompts written before these options existed still validate (as auto)
                 io.Combo.Input("weights", options=WEIGHTS_CHOICES, default="auto", optional=True,
                                tooltip="fp8: backbone and head linears stored as float8 (half the memory, computed in "
-                                       "dtype). auto: as stored, unless the model does not fit the free GPU memory "
-                                       "without offloading; then fp8. On the CPU auto is as stored."),
+                                       "dtype). 4bit: the backbone's linears in 4 bits (GGUF Q4_0, from the folder's "
+                                       "backbone-Q4_0.gguf, or quantised on load), the head's in fp8: 14B fits 12-16 GB "
+                                       "cards. auto: the first of as stored, fp8, 4bit that fits the free GPU memory "
+                                       "without offloading; then 4bit with the least offloading. On the CPU auto is as "
+                                       "stored."),
                 io.Combo.Input("offload", options=OFFLOAD_CHOICES, default="auto", optional=True,
                                tooltip="stage: backbone, head and autoencoder each on the GPU only while used. "
                                        "stream: some backbone layers stay on the GPU, the others are streamed from "

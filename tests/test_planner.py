@@ -49,11 +49,14 @@ def test_generation_transients_within_15_percent(case):
     assert 0.85 <= predicted / measured <= 1.15, (predicted, measured, plan.phases)
 
 
-@pytest.mark.parametrize("mode,kw", [("none", {}), ("stage", {}), ("stream", {"resident_layers": 1})])
-def test_peak_of_a_whole_image_within_15_percent(mode, kw):
+@pytest.mark.parametrize("mode,kw,weights", [("none", {}, "as-is"), ("stage", {}, "as-is"),
+                                             ("stream", {"resident_layers": 1}, "as-is"), ("none", {}, "4bit"),
+                                             ("stream", {"resident_layers": 1}, "4bit")])
+def test_peak_of_a_whole_image_within_15_percent(mode, kw, weights):
     shape = custom_shape("tiny", layers=3, hidden=256, heads=8, kv_heads=2, intermediate=1024, head_width=128, parallel=16)
-    pipe = build_random_t2i(shape, seed=2)
+    pipe = build_random_t2i(shape, seed=2, weights=weights)
     plan = estimate_pipeline(pipe, 128, 128, 1, 4.0, mode=mode, prompt=SHORT_PROMPT, **kw)
+    assert plan.weights == weights
     off = apply_offload(pipe, mode, "cpu", **kw)
     # what is on the "device" before the generation starts: everything (none), nothing (stage),
     # the resident layers and the two slots (stream); the rest is allocated during the run
@@ -78,6 +81,15 @@ def test_weight_bytes_at_the_real_14b_shapes():
     assert sizes.decoder + sizes.encoder == 2 * 460_294_179
     fp8 = ModelSizes.from_configs(s.llm, s.head, s.ae, torch.bfloat16, fp8=True)
     assert 0.5 < sum(fp8.layers) / sum(sizes.layers) < 0.51  # 1 byte per weight + a scale per row
+    # 4bit: the backbone's linears in GGUF Q4_0 (18 bytes per 32 weights), norms in bf16; the head as fp8
+    c = s.llm
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    linear = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    norms = 2 * c.hidden_size + 2 * c.head_dim
+    q4 = ModelSizes.from_configs(s.llm, s.head, s.ae, torch.bfloat16, weights="4bit")
+    assert q4.layers == [linear * 18 // 32 + 2 * norms] * c.num_hidden_layers
+    assert q4.head == fp8.head and q4.embedding == sizes.embedding and q4.norm == sizes.norm
+    assert q4.backbone_dequant == c.hidden_size * c.intermediate_size  # the widest weight, widened per call
 
 
 def test_choose_mode_at_14b():
@@ -104,6 +116,8 @@ def test_choose_mode_at_14b():
 from paths import FIXTURES  # noqa: E402
 
 from bitdance_core.runtime.fitting import check_generation, load_planned, plan_for  # noqa: E402
+from bitdance_core.pipelines.t2i_loading import read_t2i_configs  # noqa: E402
+from bitdance_core.formats.q4 import Q4Linear  # noqa: E402
 from bitdance_core.formats.fp8 import Fp8Linear  # noqa: E402
 from bitdance_core.cli.synthetic import save_configs  # noqa: E402
 
@@ -151,13 +165,49 @@ def test_plan_for_14b_24_gib(folder_14b):
 def test_plan_for_14b_small_cards(folder_14b):
     for free in (12, 8):
         d = plan_for(folder_14b, free * GiB)
-        assert (d.weights, d.offload) == ("fp8", "stream") and d.plan.peak_bytes <= free * GiB * 0.9
-        assert 0 < d.resident_layers < 40 and d.budget_bytes == d.plan.budget_bytes
+        assert (d.weights, d.offload) == ("4bit", "stream") and d.plan.peak_bytes <= d.usable_bytes
+        assert 0 < d.resident_layers <= 40 and d.budget_bytes == d.plan.budget_bytes
     with pytest.raises(BitDanceError, match="would fit"):
         plan_for(folder_14b, 12 * GiB, offload="none")
-    with pytest.raises(BitDanceError, match=r"does not fit the GPU: 2.0 GiB free.*the smallest plan \(fp8 weights, with "
+    with pytest.raises(BitDanceError, match=r"does not fit the GPU: 2.0 GiB free.*the smallest plan \(4bit weights, with "
                                             r"stream offload\) needs \d.\d GiB\. No setting fits"):
         plan_for(folder_14b, 2 * GiB)
+
+
+def test_plan_for_14b_at_24_16_and_12_gib(folder_14b):
+    """What auto picks on the cards people own, and that each fits: the most precise weights that fit
+    without offloading (fp8 at 24 GiB, 4-bit at 16), then 4-bit with the least offloading (12)."""
+    d24, d16, d12 = (plan_for(folder_14b, free * GiB) for free in (24, 16, 12))
+    for d in (d24, d16, d12):
+        assert d.plan.peak_bytes <= d.usable_bytes and d.plan.weights == d.weights
+    assert (d24.weights, d24.offload) == ("fp8", "none")
+    assert (d16.weights, d16.offload) == ("4bit", "none")
+    assert "fp8 weights need 18.8 GiB without offloading" in d16.reason
+    assert "preference: as stored, then fp8, then 4-bit" in d16.summary()
+    assert "quantised on load" in d16.reason and "convert --model" in d16.reason  # no backbone-Q4_0.gguf there
+    # 12 GiB: every backbone layer on the GPU in 4 bits, the token embeddings in CPU memory, the head
+    # and the autoencoder taking turns (the autoencoder on the GPU only while decoding)
+    assert (d12.weights, d12.offload, d12.resident_layers) == ("4bit", "stream", 40)
+    assert "all 40 layers resident" in d12.summary() and "least" in d12.reason
+    assert d12.plan.peak_bytes <= 11 * GiB
+    pw = d12.plan.phase_weights
+    assert pw["head"] - pw["step"] > 1.5 * GiB and pw["decode"] - pw["step"] < 0.5 * GiB  # head out, decoder in
+    pipe_bytes = ModelSizes.from_configs(*read_t2i_configs(folder_14b).parts, weights="4bit")
+    assert pw["step"] == sum(pipe_bytes.layers) + pipe_bytes.norm  # the embedding table stays on the CPU
+
+
+def test_4bit_peak_at_14b_64x_with_the_autoencoder_staged_for_the_decode():
+    """The issue's target: 14B-64x, 1024x1024, one image, 4-bit weights, <= 11 GiB planned."""
+    s = SHAPES["14b-64x"]
+    sizes = ModelSizes.from_configs(s.llm, s.head, s.ae, torch.bfloat16, weights="4bit")
+    sampling = sizes.backbone - sizes.embedding + sizes.head + sizes.projector
+    plan = estimate(s.llm, s.head, s.ae, 1024, 1024, weights="4bit", mode="stage", budget_bytes=sampling)
+    print(f"\n14B-64x 1024x1024, 4-bit, autoencoder staged for the decode: {plan.describe()}")
+    assert plan.peak_bytes <= 11 * GiB
+    assert plan.phase_weights["step"] == sampling and plan.phase_weights["head"] == sampling
+    assert plan.phase_weights["decode"] == sizes.head + sizes.projector + sizes.decoder  # the backbone made room
+    none = estimate(s.llm, s.head, s.ae, 1024, 1024, weights="4bit")
+    assert none.peak_bytes > 12 * GiB  # everything resident (embeddings and autoencoder too) would not fit 12 GiB
 
 
 def test_plan_for_the_tiny_fixture():
@@ -200,6 +250,11 @@ def test_load_planned_on_the_cpu():
     assert off is None and any(isinstance(m, Fp8Linear) for m in pipe.backbone.modules())
     bits = pipe.generate("a red fox", **kw)
     assert bits.shape == bits_ref.shape and set(bits.unique().tolist()) <= {-1.0, 1.0}
+    d = plan_for(TINY_T2I, None, device="cpu", dtype=torch.float32, weights="4bit", offload="stream")
+    assert (d.weights, d.offload) == ("4bit", "stream") and d.plan.weights == "4bit" and "quantised on load" in d.reason
+    pipe, off = load_planned(TINY_T2I, d, "cpu", torch.float32)
+    assert off is not None and any(isinstance(m, Q4Linear) for m in pipe.backbone.modules())
+    assert torch.equal(pipe.generate("a red fox", **kw), load_t2i(TINY_T2I, weights="4bit").generate("a red fox", **kw))
 
 
 # ---- check_generation: what the sampler node checks before it starts -----------------------------------

@@ -123,6 +123,7 @@ class BenchConfig:
     dtype: torch.dtype = torch.float32
     fp8: bool = False
     fp8_matmul: str = "dequant"
+    q4: bool = False  # the 4bit weights: backbone linears GGUF Q4_0, head fp8
     offload: str = "none"
     resident_layers: int | None = None
     budget_bytes: int | None = None
@@ -147,8 +148,9 @@ def build_pipeline(cfg: BenchConfig):
 
     host = "cpu" if cfg.offload != "none" else cfg.device
     ae_dtype = cfg.dtype if cfg.dtype != torch.float32 else None
-    pipe = build_random_t2i(cfg.shape, device=host, dtype=cfg.dtype, seed=cfg.seed, fp8=cfg.fp8, ae_dtype=ae_dtype)
-    if cfg.fp8:
+    weights = "4bit" if cfg.q4 else "fp8" if cfg.fp8 else "as-is"
+    pipe = build_random_t2i(cfg.shape, device=host, dtype=cfg.dtype, seed=cfg.seed, weights=weights, ae_dtype=ae_dtype)
+    if cfg.fp8 or cfg.q4:
         set_matmul(pipe.backbone, cfg.fp8_matmul)
         set_matmul(pipe.head, cfg.fp8_matmul)
     off = apply_offload(pipe, cfg.offload, cfg.device, budget_bytes=cfg.budget_bytes,
@@ -165,7 +167,8 @@ def _check_host_memory(cfg: BenchConfig) -> None:
     if torch.device(cfg.device).type == "cuda" and cfg.offload == "none":
         return
     s = cfg.shape
-    need = ModelSizes.from_configs(s.llm, s.head, s.ae, cfg.dtype, cfg.fp8).total
+    need = ModelSizes.from_configs(s.llm, s.head, s.ae, cfg.dtype,
+                                   weights="4bit" if cfg.q4 else "fp8" if cfg.fp8 else "as-is").total
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -258,8 +261,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "settings": {"height": shape.height, "width": shape.width, "steps": shape.steps, "cfg": shape.cfg,
                      "num_images": cfg.num_images, "blocks": fast.blocks},
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "dtype": str(cfg.dtype).replace("torch.", ""), "fp8": cfg.fp8,
-        "fp8_matmul": cfg.fp8_matmul if cfg.fp8 else None, "offload": cfg.offload, "graphs": use_graphs,
+        "threads": torch.get_num_threads(), "dtype": str(cfg.dtype).replace("torch.", ""), "fp8": cfg.fp8, "q4": cfg.q4,
+        "fp8_matmul": cfg.fp8_matmul if cfg.fp8 or cfg.q4 else None, "offload": cfg.offload, "graphs": use_graphs,
         "compile": cfg.compile, "decode": cfg.decode, "torch": torch.__version__, "build_s": build_s,
         "fast": fast.to_json(), "fast_runs_s": [r.total_s for r in results["fast"]],
         "naive": naive.to_json() if naive else None, "naive_runs_s": [r.total_s for r in results["naive"]],
@@ -283,7 +286,7 @@ def format_report(r: dict) -> str:
     lines = [f"BitDance bench: {r['shape']} ({r['note']}), {st['height']}x{st['width']}, {st['steps']} steps, cfg {st['cfg']}, "
              f"{st['num_images']} image(s), {st['blocks']} blocks",
              f"  device {r['device']} ({r['device_name']}, {r['threads']} threads), {r['dtype']}"
-             f"{', fp8 ' + r['fp8_matmul'] if r['fp8'] else ''}, offload {r['offload']}, graphs {'on' if r['graphs'] else 'off'}"
+             f"{', fp8 ' + r['fp8_matmul'] if r['fp8'] else ''}{', 4bit (Q4_0 backbone)' if r.get('q4') else ''}, offload {r['offload']}, graphs {'on' if r['graphs'] else 'off'}"
              f"{', compile' if r['compile'] else ''}; torch {r['torch']}"]
     for name, key in (("fast (batched CFG)", "fast"), ("naive (separate CFG passes)", "naive")):
         t = r.get(key)
@@ -329,6 +332,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--fp8", action="store_true", help="backbone and head linears in float8_e4m3fn")
     p.add_argument("--fp8-matmul", default="auto", choices=["dequant", "scaled_mm", "auto"])
+    p.add_argument("--q4", action="store_true", help="the 4bit weights: backbone linears GGUF Q4_0, head fp8")
     p.add_argument("--offload", default="none", choices=["none", "stage", "stream"])
     p.add_argument("--resident-layers", type=int, default=None, help="stream: backbone layers kept on the device")
     p.add_argument("--budget-gb", type=float, default=None, help="stage offload: GiB the weights may occupy")
@@ -359,7 +363,8 @@ def config_from_args(a) -> BenchConfig:
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
     require(a.repeat >= 1, f"--repeat must be >= 1, got {a.repeat}")
     require(a.num_images >= 1, f"--num-images must be >= 1, got {a.num_images}")
-    return BenchConfig(shape=shape_from_args(a), device=dev, dtype=dtype, fp8=a.fp8, fp8_matmul=a.fp8_matmul,
+    require(not (a.fp8 and a.q4), "--fp8 and --q4 are two weights formats: choose one")
+    return BenchConfig(shape=shape_from_args(a), device=dev, dtype=dtype, fp8=a.fp8, fp8_matmul=a.fp8_matmul, q4=a.q4,
                        offload=a.offload, resident_layers=a.resident_layers,
                        budget_bytes=int(a.budget_gb * (1 << 30)) if a.budget_gb is not None else None,
                        graphs=a.graphs, compile=a.compile, naive=not a.no_naive, decode=not a.no_decode,

@@ -1,7 +1,9 @@
-"""`python -m bitdance_core demo [--t2i] --per-class K --seed S --pixels-npy OUT.npy`: the digits demo models.
+"""`python -m bitdance_core demo [--t2i] [--weights as-is|fp8|4bit] --per-class K --seed S --pixels-npy OUT.npy`:
+the digits demo models.
 
 Writes uint8 [10*K, 32, 32, 3], classes 0..9 in order, K images each: the class-conditional model
-(ImageNet format) by default, the text-to-image model ("a handwritten digit seven") with --t2i.
+(ImageNet format) by default, the text-to-image model ("a handwritten digit seven") with --t2i, whose
+weights may be loaded as fp8 or 4-bit (as the 14B models are) to see what those formats cost.
 """
 from __future__ import annotations
 
@@ -15,17 +17,19 @@ from ..errors import require
 
 
 def generate_digits(t2i: bool, per_class: int, seed: int, steps: int | None = None, cfg: float | None = None,
-                    device="cpu", dtype=torch.float32, model: str | None = None) -> np.ndarray:
+                    device="cpu", dtype=torch.float32, model: str | None = None, weights: str = "as-is") -> np.ndarray:
     """uint8 [10*per_class, 32, 32, 3], digits 0..9 in order. model: another checkpoint of the same kind
-    (default: the shipped demo model)."""
+    (default: the shipped demo model). weights: the text-to-image model's weights format (load_t2i)."""
     from .. import demo_models as dm
     from ..pipelines.images import to_uint8
 
     require(isinstance(per_class, int) and per_class >= 1, f"--per-class must be >= 1, got {per_class}")
+    require(t2i or weights == "as-is", f"--weights {weights} applies to the text-to-image demo model (--t2i); "
+                                       "the class-conditional one loads as stored")
     if t2i:
         from ..pipelines.t2i_loading import load_t2i
 
-        pipe = load_t2i(model or dm.T2I, device=device, dtype=dtype)
+        pipe = load_t2i(model or dm.T2I, device=device, dtype=dtype, weights=weights)
         steps = steps or dm.T2I_DEFAULTS["steps"]
         cfg = dm.T2I_DEFAULTS["cfg"] if cfg is None else cfg
         out = []
@@ -52,7 +56,8 @@ def grid(pixels: np.ndarray, per_class: int) -> np.ndarray:
 
 def cmd_demo(args):
     dev, dtype = device_dtype(args)
-    pixels = generate_digits(args.t2i, args.per_class, args.seed, args.steps, args.cfg, dev, dtype)
+    pixels = generate_digits(args.t2i, args.per_class, args.seed, args.steps, args.cfg, dev, dtype,
+                             weights=args.weights)
     if args.pixels_npy:
         np.save(args.pixels_npy, pixels)
     if args.out:
@@ -70,6 +75,9 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="diffusion-head steps (default 50)")
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance scale (default: the class model's own default, 4.0 for the text-to-image model)")
+    p.add_argument("--weights", default="as-is", choices=["as-is", "fp8", "4bit"],
+                   help="with --t2i: as stored; fp8 (backbone and head linears); 4bit (backbone linears GGUF Q4_0 "
+                        "quantised on load, head fp8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--pixels-npy", default=None, help="uint8 [10*K, 32, 32, 3]")

@@ -13,8 +13,10 @@ from .common import ShowDefaults, add_common, device_dtype, progress, save_outpu
 def add_t2i_load_options(p) -> None:
     """How a text-to-image model is loaded and accelerated (t2i, eval-generate)."""
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"], help="attention kernels")
-    p.add_argument("--weights", default="auto", choices=["auto", "as-is", "fp8"],
-                   help="fp8: backbone and head linears in float8 (auto: fp8 only where as-is does not fit the GPU)")
+    p.add_argument("--weights", default="auto", choices=["auto", "as-is", "fp8", "4bit"],
+                   help="fp8: backbone and head linears in float8; 4bit: backbone linears GGUF Q4_0 (from "
+                        "<model>/backbone-Q4_0.gguf, see `convert`, or quantised on load), head fp8. auto: the first of "
+                        "as-is, fp8, 4bit that fits the GPU without offloading, then 4bit with offloading")
     p.add_argument("--offload", default="auto", choices=["auto", "none", "stage", "stream"],
                    help="auto: the fastest mode that fits the GPU's free memory for this size and batch")
     p.add_argument("--graphs", action="store_true", help="CUDA graphs for the head's sampling loop and the block step")

@@ -305,9 +305,9 @@ def load_split(configs: SplitConfigs, device="cpu", dtype=torch.bfloat16, weight
     weights = "as-is" if weights == "dequant" else weights
     head_src, proj_src, te_src, vae_src = _open_parts(configs.main_model, configs.text_encoder, configs.vae)
     backbone, head, projector, ae = build_t2i_modules(*configs.parts)
-    materialize_parts([(backbone, te_src, "Qwen3 text encoder", Qwen3Backbone.IGNORED_KEYS, True),
-                       (head, head_src, "diffusion head", (), True), (projector, proj_src, "projector", (), False),
-                       (ae, vae_src, "VAE", (), False)], weights, device, dtype, include, matmul)
+    materialize_parts([(backbone, te_src, "Qwen3 text encoder", Qwen3Backbone.IGNORED_KEYS, "backbone"),
+                       (head, head_src, "diffusion head", (), "head"), (projector, proj_src, "projector", (), None),
+                       (ae, vae_src, "VAE", (), None)], weights, device, dtype, include, matmul)
     backbone.set_attention(attention)
     head.set_attention(attention)
     return T2IPipeline(backbone, head, projector, ae, configs.codec, device, name=configs.name)

@@ -1,6 +1,6 @@
 """Text-to-image model folders: which files make one (official or diffusers layout), what it makes
-(from its config files alone), and loading it into a T2IPipeline with its weights as stored or with
-the big linears in fp8.
+(from its config files alone), and loading it into a T2IPipeline with its weights as stored, with
+the big linears in fp8, or with the backbone's linears in 4 bits (GGUF Q4_0; pipelines/t2i_q4.py).
 
 Each config file is read once per load: `read_t2i_configs` reads the three of them, and a caller that
 has them already (the memory planner's decision) passes them on to `load_t2i`.
@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import BitDanceError, require
 from ..formats.checkpoints import check_keys, materialize, open_safetensors, open_sharded, read_json
 from ..formats.fp8 import as_fp8_source, materialize_fp8
+from ..formats.q4 import materialize_q4
 from ..models.ae_layers import AutoencoderConfig
 from ..models.autoencoder import build_autoencoder
 from ..models.head import DiffusionHead, HeadConfig
@@ -25,8 +26,9 @@ from ..models.qwen3 import Qwen3Backbone, Qwen3Config
 from .prompts import load_prompt_codec
 from .sizes import SizeRule, max_res_token
 from .t2i import T2IPipeline
+from .t2i_q4 import open_q4_backbone
 
-WEIGHTS = ("as-is", "fp8")
+WEIGHTS = ("as-is", "fp8", "4bit")
 
 
 @dataclass
@@ -138,24 +140,38 @@ def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig)
         return Qwen3Backbone(llm), DiffusionHead(head), Projector(ae.z_channels, llm.hidden_size), build_autoencoder(ae)
 
 
+def weights_format(weights: str, role: str | None) -> str:
+    """How one part is stored for a `weights` choice: role "backbone", "head" or None (projector,
+    autoencoder: always as stored). "4bit" is the backbone in GGUF Q4_0 and the head in fp8: the head
+    runs 51 times per block and a 4-bit weight is dequantised on every call (docs/quantization.md)."""
+    if role is None or weights == "as-is":
+        return "as-is"
+    if weights == "4bit":
+        return "4bit" if role == "backbone" else "fp8"
+    return weights
+
+
 def materialize_parts(parts, weights: str, device, dtype, include: Callable[[str, nn.Linear], bool] | None = None,
                       matmul: str = "dequant") -> None:
     """Fill meta-device modules from their weight sources as `weights` says; shared by model folders
     and the ComfyUI split files (comfy_split.py), so a weights format is added in one place.
 
-    parts: (module, source, name, keys not ours, quantisable) per module; "as-is" reads every tensor
-    in `dtype` (fp8 tensors of a source seen through the fp8 conventions are widened), "fp8" stores
-    the quantisable modules' big linears as fp8 (an e4m3 tensor with its scale kept as it is)."""
+    parts: (module, source, name, keys not ours, role: "backbone" | "head" | None) per module, each
+    stored as `weights_format` says: "as-is" reads every tensor in `dtype` (fp8 tensors of a source seen
+    through the fp8 conventions are widened), "fp8" stores the big linears as fp8 (an e4m3 tensor with
+    its scale kept as it is), "4bit" the linears as Q4_0 blocks (a GGUF file's blocks kept as they are)."""
     require(weights in WEIGHTS, f"weights '{weights}' unknown; use one of {list(WEIGHTS)}")
-    fp8 = weights == "fp8"
-    if fp8:  # files may hold fp8 tensors with scale siblings: seen through the fp8 conventions
-        parts = [(m, as_fp8_source(src), what, ign, q) for m, src, what, ign, q in parts]
+    parts = [(m, src, what, ign, weights_format(weights, role)) for m, src, what, ign, role in parts]
+    if weights != "as-is":  # safetensors files may hold fp8 tensors with scale siblings: the fp8 conventions
+        parts = [(m, src if how == "4bit" else as_fp8_source(src), what, ign, how) for m, src, what, ign, how in parts]
     # Check every file before reading any weights: a bad shard should fail in a second, not after 30 GB.
     for module, src, what, ignore, _ in parts:
         check_keys(module, src, what, ignore)
-    for module, src, what, ignore, quantisable in parts:
-        if fp8 and quantisable:
+    for module, src, what, ignore, how in parts:
+        if how == "fp8":
             materialize_fp8(module, src, what, device, dtype, ignore, include, matmul)
+        elif how == "4bit":
+            materialize_q4(module, src, what, device, dtype, ignore)
         else:
             materialize(module, src, what, device, dtype, ignore)
 
@@ -163,8 +179,10 @@ def materialize_parts(parts, weights: str, device, dtype, include: Callable[[str
 def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdpa", weights: str = "as-is",
              configs: T2IConfigs | None = None, matmul: str = "dequant",
              include: Callable[[str, nn.Linear], bool] | None = None) -> T2IPipeline:
-    """weights: "as-is" (read in `dtype`) or "fp8" (the backbone's and the head's big linears stored as
-    float8 e4m3, quantised on load unless the file has them in fp8 already; formats/fp8.py).
+    """weights: "as-is" (read in `dtype`), "fp8" (the backbone's and the head's big linears stored as
+    float8 e4m3, quantised on load unless the file has them in fp8 already; formats/fp8.py) or "4bit"
+    (the backbone's linears as GGUF Q4_0 blocks, formats/q4.py, from the folder's backbone-Q4_0.gguf when
+    it is there, otherwise quantised on load; the head's big linears in fp8: weights_format).
     configs: the folder's configs when the caller has read them (see read_t2i_configs).
     matmul, include: the fp8 linears' matmul mode and selection (formats/fp8.py)."""
     require(attention in ("sdpa", "flash"), f"attention '{attention}' unknown; use 'sdpa' or 'flash'")
@@ -173,14 +191,14 @@ def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdp
     files = cfg.files
     codec = load_prompt_codec(files.tokenizer_folder)
     backbone, head, projector, ae = build_t2i_modules(*cfg.parts)
-    fp8 = weights == "fp8"
-    # (module, weights, name, keys not ours, quantisable)
-    materialize_parts([(backbone, open_sharded(files.llm_folder), "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS, True),
-                       (head, open_safetensors([files.head_weights]), "diffusion head", (), True),
-                       (projector, open_safetensors([files.projector_weights]), "projector", (), False),
-                       (ae, open_safetensors([files.ae_weights]), "autoencoder", (), False)],
+    backbone_src = (open_q4_backbone(cfg) if weights == "4bit" else None) or open_sharded(files.llm_folder)
+    # (module, weights, name, keys not ours, role)
+    materialize_parts([(backbone, backbone_src, "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS, "backbone"),
+                       (head, open_safetensors([files.head_weights]), "diffusion head", (), "head"),
+                       (projector, open_safetensors([files.projector_weights]), "projector", (), None),
+                       (ae, open_safetensors([files.ae_weights]), "autoencoder", (), None)],
                       weights, device, dtype, include, matmul)
     backbone.set_attention(attention)
     head.set_attention(attention)
-    name = os.path.basename(os.path.normpath(path)) + (" (fp8)" if fp8 else "")
+    name = os.path.basename(os.path.normpath(path)) + {"as-is": "", "fp8": " (fp8)", "4bit": " (4-bit)"}[weights]
     return T2IPipeline(backbone, head, projector, ae, codec, device, name=name)

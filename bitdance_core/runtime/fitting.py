@@ -14,16 +14,23 @@ import torch
 from ..errors import BitDanceError, require
 from ..pipelines.comfy_split import SplitConfigs, load_split
 from ..pipelines.t2i_loading import T2IConfigs, load_t2i, read_t2i_configs
+from ..pipelines.t2i_q4 import q4_status
 from .offload import apply_offload
-from .planner import GiB, MemoryPlan, _candidate_plans, _fastest, estimate, estimate_pipeline, usable_bytes
+from .planner import WEIGHTS, GiB, MemoryPlan, _candidate_plans, _fastest, estimate, estimate_pipeline, usable_bytes
 
-WEIGHTS_CHOICES = ("auto", "as-is", "fp8")
+WEIGHTS_CHOICES = ("auto",) + WEIGHTS  # auto, as-is, fp8, 4bit
 OFFLOAD_CHOICES = ("auto", "none", "stage", "stream")
+# "auto" weights, in order of preference: the most precise format that fits without offloading; only
+# then the smallest one with offloading (an offload moves weights over the bus every image or every block).
+PREFERENCE = ("as-is", "fp8", "4bit")
+PREFERENCE_NOTE = ("preference: as stored, then fp8, then 4-bit, each without offloading, then 4-bit with the "
+                   "least offloading: moving weights over the bus costs more than the precision")
+WEIGHTS_WORDS = {"as-is": "as-is weights", "fp8": "fp8 weights", "4bit": "4-bit weights (backbone GGUF Q4_0, head fp8)"}
 
 
 @dataclass
 class LoadDecision:
-    """How to load a text-to-image model: weights ("as-is" | "fp8"), offload ("none" | "stage" |
+    """How to load a text-to-image model: weights ("as-is" | "fp8" | "4bit"), offload ("none" | "stage" |
     "stream") with its parameters, the predicted peak for the planned image, and why."""
 
     weights: str
@@ -51,7 +58,10 @@ class LoadDecision:
     def summary(self) -> str:
         """One line for the console."""
         mode = self.offload
-        if self.offload == "stream":
+        if self.offload == "stream" and self.resident_layers == self.plan.total_layers:
+            mode += (f" (all {self.resident_layers} layers resident, token embeddings in CPU memory; the head and the "
+                     "autoencoder take turns)")
+        elif self.offload == "stream":
             mode += f" ({self.resident_layers} resident layer{'s' if self.resident_layers != 1 else ''})"
         elif self.offload == "stage":
             mode += " (one part at a time)" if self.budget_bytes is None else f" (budget {self.budget_bytes / GiB:.1f} GiB)"
@@ -86,14 +96,15 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
     source: a model folder (only its config files are read, once: the decision carries them on to
     `load_planned`), its T2IConfigs, the ComfyUI split files' SplitConfigs (comfy_split.read_split_configs),
     or (llm, head, ae) configs.
-    weights: "auto" | "as-is" | "fp8"; offload: "auto" | "none" | "stage" | "stream".
+    weights: "auto" | "as-is" | "fp8" | "4bit"; offload: "auto" | "none" | "stage" | "stream".
 
-    On a GPU, "auto" weights are as-is unless as-is does not fit (with offload "auto": without
-    offloading, since fp8 weights are faster than moving bf16 weights over the bus every block,
-    and halve what an offload moves), then fp8; "auto" offload is the fastest mode that fits
-    (`choose_mode`). Explicit choices are kept; raises BitDanceError naming what would fit when
-    they (or nothing) fit. On the CPU there is no separate device memory: "auto" is as-is weights
-    and no offload (explicit fp8 and offload modes still work there), and nothing is refused."""
+    On a GPU, "auto" weights are the first of as-is, fp8, 4-bit that fits without offloading (with
+    offload "auto"; an explicit offload mode: with that mode), since a smaller format is faster than
+    moving weights over the bus every block; when none does, 4-bit with the fastest offload that fits
+    (`choose_mode`'s candidates: the least host-to-device traffic). Explicit choices are kept; raises
+    BitDanceError naming what would fit when they (or nothing) fit. On the CPU there is no separate
+    device memory: "auto" is as-is weights and no offload (explicit fp8, 4-bit and offload modes still
+    work there), and nothing is refused."""
     require(weights in WEIGHTS_CHOICES, f"weights '{weights}' unknown; choose one of {list(WEIGHTS_CHOICES)}")
     require(offload in OFFLOAD_CHOICES, f"offload '{offload}' unknown; choose one of {list(OFFLOAD_CHOICES)}")
     require(isinstance(num_images, int) and num_images >= 1, f"num_images must be an integer >= 1, got {num_images}")
@@ -117,19 +128,24 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
     info = dict(device=dev, height=height, width=width, num_images=num_images, cfg=cfg, requested=(weights, offload),
                 configs=configs)
 
+    def q4_note(w: str) -> str:
+        if w != "4bit" or configs is None:
+            return ""
+        return f" ({q4_status(configs)})" if isinstance(configs, T2IConfigs) else " (the backbone is quantised on load)"
+
     if dev == "cpu":
         w = "as-is" if weights == "auto" else weights
         mode = "none" if offload == "auto" else offload
-        plan = estimate(*args, fp8=w == "fp8", mode=mode, device_type="cpu", **common)
+        plan = estimate(*args, weights=w, mode=mode, device_type="cpu", **common)
         why = ("on the CPU the model runs in system memory: as-is weights, no offload" if (weights, offload) == ("auto", "auto")
                else "as chosen" + (" (auto on the CPU: as-is weights)" if weights == "auto" else "")
-               + (" (auto on the CPU: no offload)" if offload == "auto" else ""))
+               + (" (auto on the CPU: no offload)" if offload == "auto" else "")) + q4_note(w)
         return LoadDecision(w, mode, plan, why, free_bytes=free_bytes, usable_bytes=None, **info)
 
     require(free_bytes is not None, "free_bytes is needed to plan for a GPU")
     cands = {}  # weights -> (usable, plans)
-    for w in (["as-is", "fp8"] if weights == "auto" else [weights]):
-        cands[w] = _candidate_plans(free_bytes, *args, fp8=w == "fp8", margin=margin, reserve_bytes=reserve_bytes, **common)
+    for w in (PREFERENCE if weights == "auto" else [weights]):
+        cands[w] = _candidate_plans(free_bytes, *args, weights=w, margin=margin, reserve_bytes=reserve_bytes, **common)
     usable = next(iter(cands.values()))[0]
 
     def best(w, mode):
@@ -143,16 +159,27 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
 
     fits = f"{_gib(usable)} usable"
     if weights == "auto":
-        asis_mode = "none" if offload == "auto" else offload
-        got = best("as-is", asis_mode)
-        if got is not None:
-            why = f"as-is weights fit {_with(asis_mode)} ({fits})"
-            return LoadDecision("as-is", got.mode, got, why, free_bytes=free_bytes, usable_bytes=usable, **info)
-        need = smallest("as-is", asis_mode).peak_bytes
-        got = best("fp8", offload)
-        if got is not None:
-            why = f"as-is weights need {_gib(need)} {_with(asis_mode)}, more than the {fits}; fp8 weights fit {_with(got.mode)}"
-            return LoadDecision("fp8", got.mode, got, why, free_bytes=free_bytes, usable_bytes=usable, **info)
+        first_mode = "none" if offload == "auto" else offload
+        tried = []
+        for w in PREFERENCE:  # the most precise format that fits without offloading (or with the mode asked)
+            got = best(w, first_mode)
+            if got is not None:
+                why = (f"{'; '.join(tried) + ', more than the ' + fits + '; ' if tried else ''}"
+                       f"{WEIGHTS_WORDS[w]} fit {_with(first_mode)}" + ("" if tried else f" ({fits})"))
+                if tried:
+                    why += f" ({PREFERENCE_NOTE})"
+                return LoadDecision(w, got.mode, got, why + q4_note(w), free_bytes=free_bytes, usable_bytes=usable,
+                                    **info)
+            tried.append(f"{WEIGHTS_WORDS[w].split(' (')[0]} need {_gib(smallest(w, first_mode).peak_bytes)} "
+                         f"{_with(first_mode)}")
+        if offload == "auto":
+            for w in reversed(PREFERENCE):  # then the smallest format, with the least offloading that fits
+                got = best(w, "auto")
+                if got is not None:
+                    why = (f"{'; '.join(tried)}, more than the {fits}; {WEIGHTS_WORDS[w]} with {got.mode} offload "
+                           f"move the least over the bus ({PREFERENCE_NOTE})")
+                    return LoadDecision(w, got.mode, got, why + q4_note(w), free_bytes=free_bytes, usable_bytes=usable,
+                                        **info)
     else:
         got = best(weights, offload)
         if got is not None:
@@ -163,7 +190,8 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
             else:
                 why = (f"{weights} weights need {_gib(smallest(weights, 'none').peak_bytes)} without offloading, more than "
                        f"the {fits}; {got.mode} is the fastest offload that fits")
-            return LoadDecision(weights, got.mode, got, why, free_bytes=free_bytes, usable_bytes=usable, **info)
+            return LoadDecision(weights, got.mode, got, why + q4_note(weights), free_bytes=free_bytes,
+                                usable_bytes=usable, **info)
 
     # nothing fits what was asked: say what was needed, and what would fit
     tried = [(w, smallest(w, offload)) for w in cands]

@@ -1,15 +1,18 @@
 """Memory planner: the peak device memory of one text-to-image generation, predicted from the
-configs, the image size, the batch, the dtype, fp8 and the offload mode, and `choose_mode` for "auto".
+configs, the image size, the batch, the dtype, the weights format (as stored, fp8 or 4-bit) and the
+offload mode, and `choose_mode` for "auto".
 
 The prediction adds, per phase, what is alive on the device:
-- weights: exact byte counts of the modules built on the meta device (fp8 linears included), with
+- weights: exact byte counts of the modules built on the meta device (fp8 and Q4_0 linears included), with
   the residency of each offload mode (stage offload replays the policy of `offload.lru_order`;
   streaming counts the resident layers plus the two slots);
 - the KV cache [layers, rows, kv_heads, L + (blocks-1)·P, head_dim] x2 and the position table;
 - the transient tensors of the largest step of each phase, counted from the engine's code:
   prefill (attention over the prompt with its float mask, or the MLP), one block step (attention
   over the whole cache, repeated for grouped-query heads, or the MLP), one head call, and the
-  autoencoder decode (the widest level: group norm, swish and conv outputs, the depth-to-space copy).
+  autoencoder decode (the widest level: group norm, swish and conv outputs, the depth-to-space copy),
+  plus, where linears are quantised, the largest one's weight dequantised in the compute dtype (fp8
+  and Q4_0 linears widen their weight for each call, one at a time).
 
 `measure_peak` measures the same quantity: CUDA's max_memory_allocated on a GPU, and on the CPU
 the allocator's running total from torch.profiler's allocation events (every tensor allocation,
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import BitDanceError, require
+from ..formats import q4
 from ..formats.fp8 import Fp8Linear, quantize_linears
 from ..models.autoencoder import build_autoencoder
 from ..models.head import DiffusionHead
@@ -31,6 +35,30 @@ from ..models.qwen3 import Qwen3Backbone
 from .offload import MODES, lru_order
 
 GiB = 1 << 30
+WEIGHTS = ("as-is", "fp8", "4bit")  # as stored; backbone and head linears fp8; backbone linears Q4_0 + head fp8
+
+
+def weights_format(weights: str | None, fp8: bool = False) -> str:
+    """The weights format from the `weights` name (or the older `fp8` switch)."""
+    w = weights or ("fp8" if fp8 else "as-is")
+    require(w in WEIGHTS, f"weights '{w}' unknown; choose one of {list(WEIGHTS)}")
+    return w
+
+
+def quantize_meta(backbone: nn.Module, head: nn.Module, weights: str) -> None:
+    """Swap the linears of meta modules as the loaders do for `weights` (pipelines/t2i_loading.py)."""
+    if weights == "fp8":
+        quantize_linears(backbone)
+    elif weights == "4bit":
+        q4.quantize_linears(backbone)
+    if weights in ("fp8", "4bit"):
+        quantize_linears(head)
+
+
+def dequant_elems(module: nn.Module) -> int:
+    """Elements of the largest quantised (fp8 or Q4_0) linear weight of `module`: what one call widens."""
+    return max((m.in_features * m.out_features for m in module.modules() if isinstance(m, (Fp8Linear, q4.Q4Linear))),
+               default=0)
 
 
 def _esize(dtype) -> int:
@@ -52,6 +80,8 @@ class ModelSizes:
     projector: int
     decoder: int
     encoder: int
+    backbone_dequant: int = 0  # elements of the largest quantised backbone / head weight (0: none)
+    head_dequant: int = 0
 
     @property
     def backbone(self) -> int:
@@ -66,31 +96,32 @@ class ModelSizes:
         m = pipe.backbone.model
         return cls(module_bytes(m.embed_tokens), [module_bytes(l) for l in m.layers], module_bytes(m.norm),
                    module_bytes(pipe.head.net), module_bytes(pipe.projector), module_bytes(pipe.autoencoder.decoder),
-                   module_bytes(pipe.autoencoder.encoder))
+                   module_bytes(pipe.autoencoder.encoder), dequant_elems(pipe.backbone), dequant_elems(pipe.head))
 
     @classmethod
-    def from_configs(cls, llm, head, ae, dtype=torch.bfloat16, fp8: bool = False, ae_dtype=None) -> "ModelSizes":
-        """Built on the meta device (no memory), with the same fp8 selection as the loaders."""
-
+    def from_configs(cls, llm, head, ae, dtype=torch.bfloat16, fp8: bool = False, ae_dtype=None,
+                     weights: str | None = None) -> "ModelSizes":
+        """Built on the meta device (no memory), with the same fp8 / Q4_0 selection as the loaders
+        (weights: "as-is" | "fp8" | "4bit"; fp8=True is weights="fp8")."""
+        weights = weights_format(weights, fp8)
         with torch.device("meta"):
             bb, hd, pj = Qwen3Backbone(llm), DiffusionHead(head), Projector(ae.z_channels, llm.hidden_size)
         ae_m = build_autoencoder(ae)
-        if fp8:
-            quantize_linears(bb)
-            quantize_linears(hd)
+        quantize_meta(bb, hd, weights)
 
         def nbytes(mod, dt):
             total = 0
             for t in list(mod.parameters()) + list(mod.buffers()):
-                if t.dtype == torch.float8_e4m3fn or (t.dtype == torch.float32 and _is_scale(mod, t)):
-                    total += t.numel() * t.element_size()
+                if not t.is_floating_point() or t.dtype == torch.float8_e4m3fn or (
+                        t.dtype == torch.float32 and _is_scale(mod, t)):
+                    total += t.numel() * t.element_size()  # stored as it is: fp8, Q4_0 blocks, fp32 scales
                 else:
                     total += t.numel() * _esize(dt)
             return total
         m = bb.model
         return cls(nbytes(m.embed_tokens, dtype), [nbytes(l, dtype) for l in m.layers], nbytes(m.norm, dtype),
                    nbytes(hd.net, dtype), nbytes(pj, dtype), nbytes(ae_m.decoder, ae_dtype or dtype),
-                   nbytes(ae_m.encoder, ae_dtype or dtype))
+                   nbytes(ae_m.encoder, ae_dtype or dtype), dequant_elems(bb), dequant_elems(hd))
 
 
 def _is_scale(mod, t) -> bool:
@@ -107,14 +138,16 @@ class MemoryPlan:
     kv_cache_bytes: int = 0
     resident_layers: int | None = None
     budget_bytes: int | None = None
-    fp8: bool = False
+    fp8: bool = False  # weights == "fp8"
     transfer_bytes: int = 0  # host -> device weight bytes per image (offload cost)
     phase_weights: dict = field(default_factory=dict)  # phase -> resident weight bytes
+    weights: str = "as-is"  # "as-is" | "fp8" | "4bit"
+    total_layers: int | None = None  # the backbone's layers (resident_layers == total_layers: none streamed)
 
     def describe(self) -> str:
         ph = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.phases.items())
         extra = f", {self.resident_layers} resident layers" if self.resident_layers is not None else ""
-        return (f"{self.mode}{' fp8' if self.fp8 else ''}{extra}: peak {self.peak_bytes / GiB:.2f} GiB "
+        return (f"{self.mode}{'' if self.weights == 'as-is' else ' ' + self.weights}{extra}: peak {self.peak_bytes / GiB:.2f} GiB "
                 f"(weights {self.weights_bytes / GiB:.2f}, KV {self.kv_cache_bytes / GiB:.2f}; phases GiB: {ph}); "
                 f"{self.transfer_bytes / GiB:.1f} GiB host->device per generation")
 
@@ -198,12 +231,14 @@ def kv_cache_bytes(llm, rows: int, max_len: int, s: int) -> int:
 def estimate(llm, head, ae, height: int, width: int, num_images: int = 1, cfg: float = 7.5, dtype=torch.bfloat16,
              fp8: bool = False, mode: str = "none", resident_layers: int | None = None, budget_bytes: int | None = None,
              prompt_tokens: int = 32, uncond_tokens: int = 3, ae_dtype=None, sizes: ModelSizes | None = None,
-             batched_cfg: bool = True, device_type: str = "cuda") -> MemoryPlan:
+             batched_cfg: bool = True, device_type: str = "cuda", weights: str | None = None) -> MemoryPlan:
     """Peak device bytes of `generate` + `decode` for these settings (prompt_tokens: the templated
-    cond prompt's length; the official unconditional prompt is 3 tokens)."""
+    cond prompt's length; the official unconditional prompt is 3 tokens; weights: "as-is" | "fp8" |
+    "4bit", fp8=True meaning "fp8")."""
 
     require(mode in MODES, f"offload mode '{mode}' unknown; choose one of {MODES}")
-    sizes = sizes or ModelSizes.from_configs(llm, head, ae, dtype, fp8, ae_dtype)
+    weights = weights_format(weights, fp8)
+    sizes = sizes or ModelSizes.from_configs(llm, head, ae, dtype, ae_dtype=ae_dtype, weights=weights)
     s = _esize(dtype)
     s_ae = _esize(ae_dtype or dtype)
     P = head.parallel_num
@@ -223,11 +258,12 @@ def estimate(llm, head, ae, height: int, width: int, num_images: int = 1, cfg: f
     bits = B * lat_h * lat_w * ae.z_channels * 4
     padded = guided and prompt_tokens != uncond_tokens and batched_cfg
     g = max(groups)
+    bb_dq, head_dq = sizes.backbone_dequant * s, sizes.head_dequant * s  # a quantised weight widened for its call
     act = {
-        "prefill": backbone_forward_peak(llm, g, L, L, s, "bool") + R * L * 8 * 3,
+        "prefill": backbone_forward_peak(llm, g, L, L, s, "bool") + R * L * 8 * 3 + bb_dq,
         "step": hidden + pos_table + backbone_forward_peak(llm, g, P, max_len, s, "bool" if padded else "all", grouped=True)
-                + (R * P * H * 4 if s != 4 else 0),
-        "head": hidden + pos_table + head_forward_peak(head, R, P, s) + bits,
+                + (R * P * H * 4 if s != 4 else 0) + bb_dq,
+        "head": hidden + pos_table + head_forward_peak(head, R, P, s) + bits + head_dq,
         "decode": bits + decoder_peak(ae, B, height, width, s_ae),
     }
     if device_type == "cpu":
@@ -274,7 +310,7 @@ def estimate(llm, head, ae, height: int, width: int, num_images: int = 1, cfg: f
     phases = {k: phase_weights[k] + kv_phase[k] + act[k] for k in act}
     peak_phase = max(phases, key=phases.get)
     return MemoryPlan(mode, phases[peak_phase], phases, phase_weights[peak_phase], kv, resident_layers, budget_bytes,
-                      fp8, transfer, phase_weights)
+                      weights == "fp8", transfer, phase_weights, weights, len(sizes.layers))
 
 
 def _aligned(n: int, align: int = 256 * 16) -> int:
@@ -290,9 +326,10 @@ def estimate_pipeline(pipe, height: int, width: int, num_images: int = 1, cfg: f
         pt = prompt if hasattr(prompt, "cond_ids") else pipe.encode_prompt(prompt, negative_prompt)
         prompt_tokens, uncond = len(pt.cond_ids), len(pt.uncond_ids)
 
-    fp8 = any(isinstance(m, Fp8Linear) for m in pipe.backbone.modules())
+    weights = ("4bit" if q4.is_q4(pipe.backbone) else
+               "fp8" if any(isinstance(m, Fp8Linear) for m in pipe.backbone.modules()) else "as-is")
     return estimate(pipe.backbone.config, pipe.head.config, pipe.autoencoder.config, height, width, num_images, cfg,
-                    dtype=pipe.backbone.dtype, fp8=fp8, mode=mode, prompt_tokens=prompt_tokens, uncond_tokens=uncond,
+                    dtype=pipe.backbone.dtype, weights=weights, mode=mode, prompt_tokens=prompt_tokens, uncond_tokens=uncond,
                     ae_dtype=pipe.autoencoder.decoder.conv_out.weight.dtype, sizes=ModelSizes.of_pipeline(pipe),
                     device_type=kw.pop("device_type", torch.device(pipe.device).type), **kw)
 
@@ -305,19 +342,27 @@ def usable_bytes(free_bytes: int, margin: float = 0.10, reserve_bytes: int = 512
 
 def _candidate_plans(free_bytes: int, llm, head, ae, height: int, width: int, num_images: int = 1, cfg: float = 7.5,
                      dtype=torch.bfloat16, fp8: bool = False, margin: float = 0.10, reserve_bytes: int = 512 << 20,
-                     **kw) -> tuple[int, list[MemoryPlan]]:
+                     weights: str | None = None, **kw) -> tuple[int, list[MemoryPlan]]:
     """(usable bytes, the best plan of each kind): no offload; stage offload keeping as many groups
-    resident as fit a budget; streaming with as many resident layers as fit (if none fits: 0
-    resident layers, for the error message); stage offload with one group at a time."""
+    resident as fit a budget; stage offload keeping the backbone and the head for the whole sampling
+    (the autoencoder comes in for the decode only, in place of the backbone); streaming with as many
+    resident layers as fit (if none fits: 0 resident layers, for the error message); stage offload
+    with one group at a time."""
     usable = usable_bytes(free_bytes, margin, reserve_bytes)
-    sizes = ModelSizes.from_configs(llm, head, ae, dtype, fp8, kw.get("ae_dtype"))
-    common = dict(num_images=num_images, cfg=cfg, dtype=dtype, fp8=fp8, sizes=sizes, **kw)
+    weights = weights_format(weights, fp8)
+    sizes = ModelSizes.from_configs(llm, head, ae, dtype, ae_dtype=kw.get("ae_dtype"), weights=weights)
+    common = dict(num_images=num_images, cfg=cfg, dtype=dtype, weights=weights, sizes=sizes, **kw)
     plans = [estimate(llm, head, ae, height, width, mode="none", **common)]
     strict = estimate(llm, head, ae, height, width, mode="stage", budget_bytes=None, **common)
     # stage offload with a budget: the weights may use what the largest transient leaves
     transient = max(strict.phases[k] - strict.phase_weights[k] for k in strict.phases)
     budget = max(0, usable - transient)
     plans.append(estimate(llm, head, ae, height, width, mode="stage", budget_bytes=budget, **common))
+    # the sampling's weights exactly: the decoder's load evicts the backbone (least recently used),
+    # which comes back for the next image; the token embeddings stay in CPU memory (HostEmbedding)
+    sampling = sizes.backbone - sizes.embedding + sizes.head + sizes.projector
+    if sampling != budget:
+        plans.append(estimate(llm, head, ae, height, width, mode="stage", budget_bytes=sampling, **common))
     n = len(sizes.layers)
     stream = None
     for k in range(n, -1, -1):  # as many resident layers as fit; the head and AE share `budget`, or take turns
@@ -346,8 +391,9 @@ def choose_mode(free_bytes: int, llm, head, ae, height: int, width: int, num_ima
     fitting = [p for p in plans if p.peak_bytes <= usable]
     if not fitting:
         best = min(plans, key=lambda p: p.peak_bytes)
+        smaller = {"as-is": "fp8 or 4-bit weights, ", "fp8": "4-bit weights, "}.get(best.weights, "")
         raise BitDanceError(f"no offload mode fits {free_bytes / GiB:.1f} GiB free (with a {margin:.0%} margin): the smallest "
-                            f"plan needs {best.peak_bytes / GiB:.1f} GiB ({best.describe()}); use fp8 weights, a smaller "
+                            f"plan needs {best.peak_bytes / GiB:.1f} GiB ({best.describe()}); use {smaller}a smaller "
                             "size or fewer images")
     return _fastest(fitting)
 

@@ -1,12 +1,14 @@
-"""The model loader's memory options on the real server (CPU): weights (auto / as-is / fp8) and
+"""The model loader's memory options on the real server (CPU): weights (auto / as-is / fp8 / 4bit) and
 offload (auto / none / stage / stream), decided by the engine's planner and announced in the console."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 
-from helpers import node_of, tiny_t2i
+from helpers import REPO, node_of, tiny_t2i
 
 SEED = 7301  # seeds of this module only: every run below computes (none is a cached result)
 
@@ -46,14 +48,14 @@ def _plain_float32(seed: int) -> dict:
 def test_loader_lists_the_memory_options(comfy):
     info = comfy.get("/object_info/BitDanceModelLoader")["BitDanceModelLoader"]["input"]
     weights, offload = info["optional"]["weights"], info["optional"]["offload"]
-    assert weights[1]["options"] == ["auto", "as-is", "fp8"] and weights[1]["default"] == "auto"
+    assert weights[1]["options"] == ["auto", "as-is", "fp8", "4bit"] and weights[1]["default"] == "auto"
     assert offload[1]["options"] == ["auto", "none", "stage", "stream"] and offload[1]["default"] == "auto"
     # a value the dropdown does not have (an API prompt): refused by the loader, naming it and the choices
     # (the queue-time check covers the model list only: see nodes/validation.py)
     entry = comfy.wait(comfy.queue_prompt(_with(tiny_t2i(seed=SEED), weights="int4")))
     (err,) = comfy.messages(entry, "execution_error")
     assert err["node_type"] == "BitDanceModelLoader", err
-    assert "weights 'int4' unknown; choose one of ['auto', 'as-is', 'fp8']" in err["exception_message"], err
+    assert "weights 'int4' unknown; choose one of ['auto', 'as-is', 'fp8', '4bit']" in err["exception_message"], err
 
 
 def _with(wf: dict, **inputs) -> dict:
@@ -66,6 +68,29 @@ def test_fp8_weights_make_an_image(comfy):
     assert img.shape == (128, 128, 3) and img.std() > 1.0
     line = _decision(log)
     assert "weights fp8, offload none" in line and "on cpu" in line, line
+
+
+def test_4bit_weights_make_an_image(comfy, tmp_path, fixtures_dir):
+    """weights=4bit: the backbone's linears quantised to GGUF Q4_0 on load (no backbone-Q4_0.gguf in the
+    fixture folder; the decision line says how to write it once), the head's in fp8; the image is the
+    engine CLI's with --weights 4bit."""
+    wf = _with(tiny_t2i(seed=SEED + 6), dtype="fp32", weights="4bit", offload="auto")
+    img, log = _run(comfy, wf)
+    assert img.shape == (128, 128, 3) and img.std() > 1.0
+    line = _decision(log)
+    assert "weights 4bit, offload none" in line and "quantised on load" in line and "convert --model" in line, line
+    s = node_of(wf, "BitDanceARSampler")["inputs"]
+    out = tmp_path / "cli.npy"
+    cmd = [sys.executable, "-m", "bitdance_core", "t2i", "--model", os.path.join(fixtures_dir, "t2i-tiny-p16", "model"),
+           "--prompt", node_of(wf, "BitDanceTextEncode")["inputs"]["prompt"], "--height", str(s["height"]),
+           "--width", str(s["width"]), "--steps", str(s["steps"]), "--cfg", str(s["cfg"]), "--seed", str(s["seed"]),
+           "--device", "cpu", "--dtype", "float32", "--weights", "4bit", "--pixels-npy", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "weights 4bit, offload none" in r.stderr
+    assert np.array_equal(img, np.load(out)[0])
+    plain, _ = _run(comfy, _plain_float32(SEED + 6))
+    assert not np.array_equal(img, plain)  # 4-bit weights are another (close) model
 
 
 def test_auto_is_the_plain_float32_run(comfy):
