@@ -126,7 +126,7 @@ def _config_beside(path: str) -> str | None:
 
 def load_comfy_split(main_model: str, text_encoder: str, vae: str, tokenizer: str, device="cpu", dtype=torch.bfloat16,
                      weights: str = "fp8", parallel_num: int | None = None, llm_config: dict | str | None = None,
-                     attention: str = "sdpa", matmul: str = "dequant",
+                     attention: str = "sdpa", matmul: str = "auto",
                      include: Callable[[str, nn.Linear], bool] | None = None):
     """A T2IPipeline from the ComfyUI split files (doc §3.2): `main_model` (head + projector),
     `text_encoder` (Qwen3, fp8 with scale siblings), `vae`, and a tokenizer folder.

@@ -132,7 +132,7 @@ def build_t2i_modules(llm: Qwen3Config, head: HeadConfig, ae: AutoencoderConfig)
 
 
 def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdpa", weights: str = "as-is",
-             configs: T2IConfigs | None = None, matmul: str = "dequant",
+             configs: T2IConfigs | None = None, matmul: str = "auto",
              include: Callable[[str, nn.Linear], bool] | None = None) -> T2IPipeline:
     """weights: "as-is" (read in `dtype`) or "fp8" (the backbone's and the head's big linears stored as
     float8 e4m3, quantised on load unless the file has them in fp8 already; formats/fp8.py).
