@@ -79,6 +79,8 @@ def unsupported(mode: str, x: torch.Tensor, in_features: int, out_features: int)
         return None
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"{str(x.dtype).replace('torch.', '')} input"
+    if x.dtype == torch.float16 and mode != "weight_only_compiled" and x.is_cuda:
+        return "float16 input (row-wise scaled-mm writes bfloat16 only)"
     if in_features % 16 or out_features % 16:
         return f"{in_features}x{out_features} is not a multiple of 16"
     if mode != "weight_only_compiled" and not hasattr(torch, "_scaled_mm"):
