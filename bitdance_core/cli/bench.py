@@ -271,7 +271,15 @@ def run_bench(cfg: BenchConfig) -> dict:
     decision = plan_bench(cfg) if cfg.planned else None
     _check_host_memory(cfg)
     t = time.perf_counter()
-    pipe, off = build_pipeline(cfg)
+    try:
+        pipe, off = build_pipeline(cfg)
+    except torch.cuda.OutOfMemoryError as e:  # under a cap: the plan did not fit after all; say so in the JSON
+        if cfg.memory_cap_bytes is None:
+            raise
+        return {"shape": cfg.extra.get("shape_name", "custom"), "device": str(dev), "device_name": _device_name(dev),
+                "weights": cfg.weights, "offload": cfg.offload, "fp8": cfg.fp8, "fast": None, "build_s": time.perf_counter() - t,
+                "decision": decision.as_dict() if decision is not None else None, **mem, **_peaks_json(dev),
+                "error": f"out of memory while building the weights: {_first_line(e)}"}
     build_s = time.perf_counter() - t
     prompt = pipe.encode_prompt(PROMPT)
     args = (prompt, shape.height, shape.width, shape.steps, shape.cfg, cfg.num_images, cfg.seed)
@@ -327,7 +335,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     except torch.cuda.OutOfMemoryError as e:  # under a cap: report what was planned and how far it got
         if cfg.memory_cap_bytes is None:
             raise
-        error = f"out of memory: {str(e).strip().splitlines()[0][:300]}"
+        error = f"out of memory: {_first_line(e)}"
         peaks.setdefault("fast", _peaks(dev))
     set_mode("fast")
     if dev.type == "cpu" and cfg.measure_memory and error is None:
@@ -370,6 +378,16 @@ def run_bench(cfg: BenchConfig) -> dict:
                                 "streamed_loads": off.stats.streamed_loads, "prefetch_hits": off.stats.prefetch_hits}
         out["host_memory"] = off.host_report()
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _peaks_json(dev) -> dict:
+    p = _peaks(dev)
+    return {"peak_memory_bytes": p.get("allocated"), "peak_reserved_bytes": p.get("reserved")}
 
 
 def _blocks(pipe, height, width) -> int:
@@ -524,7 +542,10 @@ def config_from_args(a) -> BenchConfig:
 
 def cmd_bench(a) -> None:
     r = run_bench(config_from_args(a))
-    print(json.dumps(r, indent=1) if a.json else format_report(r))
+    if a.json:
+        print(json.dumps(r, indent=1))
+    elif "settings" in r:
+        print(format_report(r))
     if r.get("error"):
         raise BitDanceError(f"bench: {r['error']}")
 
