@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Issue 10 on one short GPU lease: BitDance-14B-64x (random weights at the released shape), 1024x1024,
 # 50 steps, cfg 7.5, on the GPUs people own, played on a large one. Each part under its own timeout,
-# 540 s in all (inside one 600 s device call); JSON written under $OUT as each run finishes.
+# 540 s in all with the summary (inside one 600 s device call); JSON written under $OUT as each run finishes.
 #   1. weights/offload auto under memory caps of 24, 16 and 12 GiB (set_per_process_memory_fraction;
 #      the planner plans against the cap): the choice, s/image, the measured peak    70 + 80 + 90 s
 #      (the 16 and 12 GiB plans stream: their JSON says how the host copies were page-locked)
 #   2. the fp8 matmul paths on the same weights (bf16 first, then quantised in place): each at 1 image
 #      1024x1024 and 8 images 512x512 (16 blocks: the head's per-block work of 8 images at 1024x1024),
-#      s/image against bf16's; one JSON line per run                                                 225 s
+#      s/image against bf16's; one JSON line per run                                                 215 s
 #   3. streaming bf16 weights (4 resident layers), 512x512                                            75 s
 # Warm-ups run at 256x256 (the head's and the block step's shapes do not depend on the size).
 # Then a summary table (benchmarks/consumer_summary.py). Files: cap24.json cap16.json cap12.json
@@ -39,7 +39,7 @@ else
   VARIANTS=${VARIANTS:-as-is,fp8:scaled_mm,fp8:scaled_mm_compiled,fp8:weight_only_compiled,fp8:torchao,fp8:scaled_mm+compile}
   RUNS=${RUNS:-1x1024,8x512}
   WARM=256; STREAM=(--height 512 --width 512 --resident-layers 4); EXTRA=()
-  T_CAP=(70 80 90); T_SWEEP=225; SWEEP_LIMITS=(--variant-timeout 70 --deadline 170); T_STREAM=75
+  T_CAP=(70 80 90); T_SWEEP=215; SWEEP_LIMITS=(--variant-timeout 70 --deadline 160); T_STREAM=75
 fi
 say() { echo "$*" | tee -a "$LOG"; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader 2>&1 | tee -a "$LOG"

@@ -370,7 +370,10 @@ class Offload:
             for k, v in r["how"].items():
                 out["how"][k] = out["how"].get(k, 0) + v
             out["failures"] += [f for f in r["failures"] if f not in out["failures"]]
-            out["is_pinned"].update(r.get("is_pinned", {}))
+            if isinstance(r.get("is_pinned"), dict):
+                out["is_pinned"].update(r["is_pinned"])
+            elif "is_pinned" in r:
+                out["failures"].append(r["is_pinned"])
         out["registration"] = registration_status()
         return out
 
