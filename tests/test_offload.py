@@ -156,6 +156,9 @@ def test_host_copies_packed_into_page_aligned_chunks():
     assert home.host is not None and set(home.host.how) == {"pageable"}  # no CUDA here
     chunk_ptrs = {c.untyped_storage().data_ptr() for c in home.host.chunks}
     assert all(c.data_ptr() % PAGE == 0 for c in home.host.chunks)
+    # each chunk's storage starts at its first byte, where a registration starts: Tensor.is_pinned()
+    # asks CUDA about the storage's first byte (a chunk sliced out of a bigger buffer read as pageable)
+    assert all(c.untyped_storage().data_ptr() == c.data_ptr() for c in home.host.chunks)
     for n, p in layer.named_parameters():
         assert torch.equal(p.detach(), before[n])
         assert p.untyped_storage().data_ptr() in chunk_ptrs and p.data_ptr() % ALIGN == 0
@@ -164,3 +167,47 @@ def test_host_copies_packed_into_page_aligned_chunks():
     assert torch.equal(layer(x, cos, sin, None, 0, 0, None), ref)
     home.release()
     assert torch.equal(layer(x, cos, sin, None, 0, 0, None), ref)  # the packed copies are the weights again
+
+
+def test_host_registration_failure_is_recorded(monkeypatch):
+    """What the GPU tests and the benchmark print when page-locking fails: the call, the library, the
+    CUDA error's name and text; the chunk falls back (pinned by PyTorch, else pageable) and says why.
+    Played here with a stand-in CUDA runtime whose cudaHostRegister fails."""
+    from bitdance_core.runtime import host_memory as hm
+
+    class FakeCudart:
+        calls = []
+
+        def cudaHostRegister(self, ptr, n, flags):
+            self.calls.append((ptr.value, n.value, flags.value))
+            return 2
+
+        def cudaGetLastError(self):
+            self.calls.append("cleared")
+            return 2
+
+        def cudaGetErrorName(self, rc):
+            return b"cudaErrorMemoryAllocation"
+
+        def cudaGetErrorString(self, rc):
+            return b"out of memory"
+
+    lib = FakeCudart()
+    monkeypatch.setattr(hm, "_state", {"looked": True, "lib": lib, "library": "/x/libcudart.so.13", "method": "ctypes",
+                                       "failure": None, "registered": 0})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    host = hm.HostCopies(pin=True, chunk_bytes=8192)
+    src = [torch.arange(1000, dtype=torch.float32), torch.ones(3000, dtype=torch.float32)]
+    got = {}
+    host.pack(lambda i: src[i], got.__setitem__, 2, [t.numel() * 4 for t in src])
+    assert torch.equal(got[0], src[0]) and torch.equal(got[1], src[1])
+    assert lib.calls[0][2] == 1 and lib.calls[0][1] % hm.PAGE == 0 and lib.calls[1] == "cleared"
+    assert len([c for c in lib.calls if c != "cleared"]) == 1  # one failure: never tried again
+    want = ("cudaHostRegister of 0.0 MiB (ctypes, /x/libcudart.so.13) returned 2 (cudaErrorMemoryAllocation: out of memory) "
+            "after 0 successful registrations")
+    assert hm.registration_status()["failure"] == want
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rep = host.report()
+    assert rep["chunks"] == 2 and rep["failures"][0] == want
+    # the CPU-only PyTorch here cannot pin either: pageable, with both reasons
+    assert rep["how"] == {"pageable": 2} and len(rep["failures"]) == 2 and rep["failures"][1].startswith("pin_memory failed")

@@ -321,3 +321,62 @@ def test_check_generation_catches_a_batch_the_load_does_not_fit():
     # what the sampler node raises on an out-of-memory error: ours, and still torch's
     err = OutOfDeviceMemory(chk.message)
     assert isinstance(err, BitDanceError) and isinstance(err, torch.OutOfMemoryError)
+
+
+# ---- memory caps: what `bench --memory-cap-gb` and the planner do for a smaller card ---------------------
+
+def test_free_memory_under_a_cap(monkeypatch):
+    """The planner's free figure under a cap: the driver's free memory, at most the cap less what
+    PyTorch's allocator already holds (the cap counts reserved memory)."""
+    from bitdance_core.runtime.fitting import cap_device_memory, free_device_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (130 * GiB, 141 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 3 * GiB)
+    assert free_device_bytes("cuda") == 130 * GiB
+    assert free_device_bytes("cuda", 16 * GiB) == 13 * GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (10 * GiB, 141 * GiB))  # a busy GPU
+    assert free_device_bytes("cuda", 16 * GiB) == 10 * GiB
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 20 * GiB)  # already past the cap
+    assert free_device_bytes("cuda", 16 * GiB) == 0
+    with pytest.raises(BitDanceError, match="a memory cap needs a CUDA device"):
+        cap_device_memory("cpu", 12 * GiB)
+
+
+@pytest.mark.parametrize("shape", ["14b-64x", "14b-16x"])
+def test_bench_plans_the_14b_model_under_caps(shape):
+    """`bench --weights auto --offload auto --memory-cap-gb N` at the released shapes, 1024x1024, one
+    image, cfg 7.5, bf16 (the cap simulated: planned as for a GPU with N GiB free): every cap gets a
+    plan that fits it, smaller caps stream more."""
+    from bitdance_core.cli.bench import BenchConfig, plan_bench
+    from bitdance_core.runtime.planner import usable_bytes
+
+    decisions = {}
+    for cap in (24, 16, 12):
+        cfg = BenchConfig(shape=SHAPES[shape], device="cpu", dtype=torch.bfloat16, weights="auto", offload="auto",
+                          memory_cap_bytes=cap * GiB)
+        d = plan_bench(cfg)
+        decisions[cap] = d
+        assert d.free_bytes == cap * GiB and d.usable_bytes == usable_bytes(cap * GiB)
+        assert d.plan.peak_bytes <= d.usable_bytes, (cap, d.summary())
+        assert d.weights != "as-is"  # 32.7 GiB in bf16 without offloading fits none of these
+        assert (cfg.weights, cfg.offload, cfg.resident_layers, cfg.budget_bytes) == (
+            d.weights, d.offload, d.resident_layers, d.budget_bytes)  # what the bench then builds
+        assert f"of {cap}.0 GiB free" in d.summary()
+    assert (decisions[24].weights, decisions[24].offload) == ("fp8", "none")
+    assert decisions[24].plan.peak_bytes < 20 * GiB  # the issue's figure: ~18 GiB with fp8 weights
+    for cap in (16, 12):  # fp8 weights do not fit without offloading: some layers stream
+        d = decisions[cap]
+        if d.weights == "fp8":
+            assert d.offload == "stream" and 0 < d.resident_layers < SHAPES[shape].llm.num_hidden_layers
+    if decisions[16].weights == decisions[12].weights == "fp8":
+        assert decisions[12].resident_layers < decisions[16].resident_layers
+        assert decisions[12].plan.transfer_bytes > decisions[16].plan.transfer_bytes > 0
+
+
+def test_the_decision_says_when_fp8_saves_memory_not_time(folder_14b):
+    older = plan_for(folder_14b, 24 * GiB, capability=(8, 6))  # an RTX 3090: 24 GB, no fp8 tensor cores
+    assert older.weights == "fp8" and "has no fp8 tensor cores" in older.reason and "save memory here, not time" in older.summary()
+    newer = plan_for(folder_14b, 24 * GiB, capability=(8, 9))  # an RTX 4090
+    assert newer.weights == "fp8" and "tensor cores" not in newer.reason
+    plenty = plan_for(folder_14b, 140 * GiB, capability=(8, 6))  # as-is weights: nothing to say
+    assert plenty.weights == "as-is" and "tensor cores" not in plenty.reason

@@ -75,7 +75,7 @@ def test_scaled_mm_path_on_the_cpu():
     x = (torch.randn(3, 5, 96) * torch.logspace(-2, 1, 5)[None, :, None]).to(torch.bfloat16)  # rows of very different size
     f8 = Fp8Linear.from_linear(lin, matmul="scaled_mm")
     y = f8(x)
-    assert not f8._scaled_mm_failed and y.dtype == torch.bfloat16 and y.shape == (3, 5, 64)
+    assert f8.last_path == "scaled_mm" and y.dtype == torch.bfloat16 and y.shape == (3, 5, 64)
     # what scaled-mm computes: activations rounded to e4m3 with one scale per row, times the fp8 weight
     x2 = x.reshape(-1, 96).float()
     xs = x2.abs().amax(1, keepdim=True) / 448
@@ -88,8 +88,9 @@ def test_scaled_mm_path_on_the_cpu():
     auto = Fp8Linear.from_linear(lin, matmul="auto")
     assert torch.equal(auto(x), dequant)  # the CPU is not a scaled-mm device by default
     assert torch.equal(f8(x.float()), Fp8Linear.from_linear(lin)(x.float()))  # fp32 activations: never scaled-mm
+    assert f8.last_path == "dequant (float32 input)"  # and the layer says so
     odd = Fp8Linear.from_linear(nn.Linear(90, 64), matmul="scaled_mm")  # 90 is no multiple of 16: dequantises
-    assert not odd._want_scaled_mm(torch.zeros(1, 90, dtype=torch.bfloat16))
+    assert odd.path_for(torch.zeros(1, 90, dtype=torch.bfloat16)) == ("dequant", "90x64 is not a multiple of 16")
 
 
 def test_scaled_mm_pipeline_on_the_cpu(ref_pipe, tok_dir, tmp_path):
@@ -101,12 +102,12 @@ def test_scaled_mm_pipeline_on_the_cpu(ref_pipe, tok_dir, tmp_path):
     emb = torch.randn(2, 20, 64, generator=g)
     pos = torch.arange(20)[None].expand(2, 20)
     out = pipe.backbone(emb.to(torch.bfloat16), pos).float()
-    assert not lin._scaled_mm_failed  # it did go through torch._scaled_mm
+    assert lin.last_path == "scaled_mm"  # it did go through torch._scaled_mm
     assert _rel_err(out, ref_pipe.backbone(emb, pos)) < 0.1
     c, x, t = torch.randn(2, 16, 64, generator=g), torch.rand(2, 16, 32, generator=g) * 2 - 1, torch.full((2,), 0.3)
     ref = ref_pipe.head.net(x, t, c)
     head_out = pipe.head.net(x.to(torch.bfloat16), t, c.to(torch.bfloat16)).float()
-    assert not pipe.head.net.res_blocks[0].attn.wqkv._scaled_mm_failed
+    assert pipe.head.net.res_blocks[0].attn.wqkv.last_path == "scaled_mm"
     set_matmul(pipe.head, "dequant")  # weight-only fp8: the error scaled-mm adds by rounding activations is small
     dequant_err = _rel_err(pipe.head.net(x.to(torch.bfloat16), t, c.to(torch.bfloat16)).float(), ref)
     assert _rel_err(head_out, ref) < 2 * dequant_err < 0.3, (_rel_err(head_out, ref), dequant_err)

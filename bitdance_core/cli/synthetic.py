@@ -121,52 +121,57 @@ def _init_(name: str, t: torch.Tensor, gen: torch.Generator) -> None:
         t.normal_(1.0, 0.1, generator=gen)
 
 
-def randomize_(module: nn.Module, device, dtype, seed: int = 0, fp8_include=None, q4_include=None) -> nn.Module:
+def randomize_(module: nn.Module, device, dtype, seed: int = 0, fp8_include=None, q4_include=None,
+               draw_device=None) -> nn.Module:
     """Materialise a meta module with random values on `device`, one tensor at a time.
     With `fp8_include`, the selected linears become fp8 (quantised from float32 as they are drawn);
     with `q4_include`, Q4_0 linears with random blocks drawn directly (uniform 4-bit codes, a scale
-    giving the matrix's usual spread; no quantiser run: seconds at 14B, on the device)."""
+    giving the matrix's usual spread; no quantiser run: seconds at 14B, on the device).
+    draw_device: where the numbers are drawn (and quantised) before each tensor moves to `device`:
+    a GPU draws a 14B model in seconds where the CPU takes minutes (bench's host copies for offloading)."""
     from ..formats import q4
     from ..formats.checkpoints import assign
     from ..formats.fp8 import quantize_fp8, quantize_linears
 
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    draw = torch.device(draw_device) if draw_device is not None else device
+    gen = torch.Generator(device=draw).manual_seed(seed)
     swapped = set(quantize_linears(module, fp8_include)) if fp8_include is not None else set()
     q4_swapped = set(q4.quantize_linears(module, q4_include)) if q4_include is not None else set()
     for name, t in list(module.state_dict(keep_vars=True).items()):
         owner, _, leaf = name.rpartition(".")
         if owner in q4_swapped and leaf == "weight":
             lin = module.get_submodule(owner)
-            blocks = torch.randint(0, 256, tuple(t.shape), generator=gen, device=device, dtype=torch.int16).to(torch.uint8)
+            blocks = torch.randint(0, 256, tuple(t.shape), generator=gen, device=draw, dtype=torch.int16).to(torch.uint8)
             std = min(0.2, max(0.02, lin.in_features ** -0.5))
-            d = torch.full((blocks.numel() // q4.BLOCK_BYTES, 1), std / 4.6, dtype=torch.float16, device=device)
+            d = torch.full((blocks.numel() // q4.BLOCK_BYTES, 1), std / 4.6, dtype=torch.float16, device=draw)
             blocks.view(-1, q4.BLOCK_BYTES)[:, :2] = d.view(torch.uint8)  # codes uniform on 0..15: (q - 8) has std ~4.6
-            lin.weight = nn.Parameter(blocks, requires_grad=False)
+            lin.weight = nn.Parameter(blocks.to(device), requires_grad=False)
             continue
         if owner in swapped:
             lin = module.get_submodule(owner)
             if leaf == "weight":
-                w = torch.empty(t.shape, device=device, dtype=torch.float32)
+                w = torch.empty(t.shape, device=draw, dtype=torch.float32)
                 _init_(name, w, gen)
                 q, s = quantize_fp8(w)
                 del w
-                lin.weight = nn.Parameter(q, requires_grad=False)
-                lin.weight_scale = s
+                lin.weight = nn.Parameter(q.to(device), requires_grad=False)
+                lin.weight_scale = s.to(device)
                 continue
             if leaf == "weight_scale":
                 continue
-        x = torch.empty(t.shape, device=device, dtype=torch.float32 if dtype is None else dtype)
+        x = torch.empty(t.shape, device=draw, dtype=torch.float32 if dtype is None else dtype)
         if x.is_floating_point():
             _init_(name, x, gen)
-        assign(module, name, x)
+        assign(module, name, x.to(device))
     return module.eval()
 
 
 def build_random_t2i(shape: Shape | str, device="cpu", dtype=torch.float32, seed: int = 0, fp8: bool = False,
-                     ae_dtype=None, attention: str = "sdpa", weights: str | None = None):
+                     ae_dtype=None, attention: str = "sdpa", weights: str | None = None, draw_device=None):
     """A T2IPipeline with random weights at `shape` (weights: "as-is", "fp8" (backbone and head linears
-    in fp8; also fp8=True) or "4bit" (backbone linears Q4_0, head fp8), as the loaders make them)."""
+    in fp8; also fp8=True) or "4bit" (backbone linears Q4_0, head fp8), as the loaders make them),
+    stored on `device`, drawn on `draw_device` (default: `device`)."""
     from ..formats import q4
     from ..formats.fp8 import default_include
     from ..pipelines.t2i import T2IPipeline
@@ -180,12 +185,12 @@ def build_random_t2i(shape: Shape | str, device="cpu", dtype=torch.float32, seed
     ae = build_autoencoder(shape.ae)
     inc = default_include if weights in ("fp8", "4bit") else None
     if weights == "4bit":
-        randomize_(backbone, device, dtype, seed, q4_include=q4.default_include)
+        randomize_(backbone, device, dtype, seed, q4_include=q4.default_include, draw_device=draw_device)
     else:
-        randomize_(backbone, device, dtype, seed, inc)
-    randomize_(head, device, dtype, seed + 1, inc)
-    randomize_(projector, device, dtype, seed + 2)
-    randomize_(ae, device, ae_dtype or dtype, seed + 3)
+        randomize_(backbone, device, dtype, seed, inc, draw_device=draw_device)
+    randomize_(head, device, dtype, seed + 1, inc, draw_device=draw_device)
+    randomize_(projector, device, dtype, seed + 2, draw_device=draw_device)
+    randomize_(ae, device, ae_dtype or dtype, seed + 3, draw_device=draw_device)
     backbone.set_attention(attention)
     head.set_attention(attention)
     codec = SyntheticCodec(shape.llm.vocab_size, shape.head.parallel_num)

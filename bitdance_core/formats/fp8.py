@@ -2,12 +2,12 @@
 
 `Fp8Linear` stores `weight` as float8_e4m3fn [out, in] and `weight_scale` float32 [out]
 (w ≈ weight * weight_scale[:, None]); its state-dict keys are the ComfyUI ones (`<p>.weight`,
-`<p>.weight_scale`). Compute happens in the activations' dtype: either the fp8 weight is widened
-and the per-channel scale is applied to the output (weight-only fp8, any device), or, on CUDA GPUs
-with fp8 tensor cores, `torch._scaled_mm` multiplies fp8 activations (scaled per row) by the fp8
-weight (`matmul="auto"`: there only; `matmul="scaled_mm"`: on any device whose PyTorch build has
-the kernel, the CPU included, which is how the tests check its arithmetic; any failure falls back
-to the first way, once per layer).
+`<p>.weight_scale`). How it multiplies is its `matmul` mode (formats/fp8_matmul.py): weight-only
+(the fp8 weight widened: any device, the CPU reference), `torch._scaled_mm` on fp8 activations
+scaled per row (eager or compiled), the compiled weight-only GEMM, or torchao's float8 tensor;
+"auto" picks the scaled-mm path on GPUs with fp8 tensor cores and the weight-only one elsewhere.
+A mode that cannot take an input or fails falls back to weight-only for that layer, which records
+why (`last_path`, `matmul_report`).
 
 Loading: `materialize_fp8` quantises on load from bf16/fp32 files (one tensor at a time on the
 CPU, then only the fp8 bytes go to the device); `Fp8Source` reads files that are already fp8
@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitDanceError, require
+from . import fp8_matmul
 from .checkpoints import TensorSource, assign, check_keys
+from .fp8_matmul import MATMUL_MODES
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -35,7 +37,6 @@ SCALE_SUFFIXES = (".weight_scale", ".weight.scale", ".scale_weight", ".weight_sc
 # Keys that carry no weight: activation scales of scaled-mm exports, ComfyUI's quantisation metadata.
 AUX_SUFFIXES = (".input_scale", ".comfy_quant")
 AUX_KEYS = ("scaled_fp8",)
-MATMUL_MODES = ("dequant", "scaled_mm", "auto")
 
 
 # ---- the arithmetic -------------------------------------------------------------------------
@@ -77,23 +78,24 @@ def per_channel_scale(scale: torch.Tensor | None, out_features: int, origin: str
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
-    """Row-wise scaled fp8 matmul worth choosing by default: CUDA compute capability 9.0 or newer
+    """Row-wise scaled fp8 matmul on the tensor cores: CUDA compute capability 9.0 or newer
     (H100, H200, B200)."""
-    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
-        return False
-    try:
-        return torch.cuda.get_device_capability(device) >= (9, 0)
-    except Exception:
-        return False
+    cap = fp8_matmul.gpu_capability(device)
+    return hasattr(torch, "_scaled_mm") and cap is not None and cap >= (9, 0)
 
 
 # ---- the layer ------------------------------------------------------------------------------
 
 class Fp8Linear(nn.Module):
-    """A Linear whose weight is float8_e4m3fn with a float32 scale per output channel."""
+    """A Linear whose weight is float8_e4m3fn with a float32 scale per output channel.
+
+    `matmul` picks the path (formats/fp8_matmul.py: dequant, scaled_mm, scaled_mm_compiled,
+    weight_only_compiled, torchao, auto). `last_path` says what the last call ran: the mode, or
+    "dequant (why)" when the mode could not take the input or failed (a failed mode is not tried
+    again by this layer)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, bias_dtype=torch.float32,
-                 matmul: str = "dequant"):
+                 matmul: str = "auto"):
         super().__init__()
         require(matmul in MATMUL_MODES, f"fp8 matmul '{matmul}' unknown; choose one of {MATMUL_MODES}")
         self.in_features, self.out_features = in_features, out_features
@@ -104,10 +106,12 @@ class Fp8Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.matmul = matmul
-        self._scaled_mm_failed = False
+        self.last_path: str | None = None
+        self.failed: dict[str, str] = {}  # mode -> why it failed here
+        self._ao = None  # (weight pointer, dtype, torchao tensor): rebuilt when the weight moves (offload)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, matmul: str = "dequant") -> "Fp8Linear":
+    def from_linear(cls, lin: nn.Linear, matmul: str = "auto") -> "Fp8Linear":
         """Quantise an existing Linear (or build an empty one on the meta device)."""
         dev = lin.weight.device
         out = cls(lin.in_features, lin.out_features, lin.bias is not None, device=dev,
@@ -126,42 +130,43 @@ class Fp8Linear(nn.Module):
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.weight_scale, dtype)
 
-    def _want_scaled_mm(self, x: torch.Tensor) -> bool:
-        if self.matmul == "dequant" or self._scaled_mm_failed or x.dtype not in (torch.bfloat16, torch.float16):
-            return False
-        if self.in_features % 16 or self.out_features % 16 or not hasattr(torch, "_scaled_mm"):
-            return False
-        return self.matmul == "scaled_mm" or scaled_mm_supported(x.device)
+    def path_for(self, x: torch.Tensor) -> tuple[str, str | None]:
+        """(the path this input takes, why not the asked one or None)."""
+        mode = fp8_matmul.resolve(self.matmul, x.device)
+        why = self.failed.get(mode) or fp8_matmul.unsupported(mode, x, self.in_features, self.out_features)
+        return (mode, None) if why is None else ("dequant", why)
+
+    def _run(self, mode: str, x: torch.Tensor) -> torch.Tensor:
+        q, s, b = self.weight, self.weight_scale, self.bias
+        if mode == "scaled_mm":
+            return fp8_matmul.scaled_mm_linear(x, q, s, b)
+        if mode in ("scaled_mm_compiled", "weight_only_compiled"):
+            return fp8_matmul.compiled(mode)(x, q, s, b)
+        if mode == "torchao":
+            key = (q.data_ptr(), x.dtype)
+            if self._ao is None or self._ao[0] != key:
+                self._ao = (key, fp8_matmul.torchao_weight(q, s, x.dtype))
+            return F.linear(x, self._ao[1], None if b is None else b.to(x.dtype))
+        return fp8_matmul.dequant_linear(x, q, s, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._want_scaled_mm(x):
+        mode, why = self.path_for(x)
+        if torch.compiler.is_compiling():  # traced into a compiled graph: no bookkeeping, no fallback
+            return self._run(mode, x)
+        if mode != "dequant":
             try:
-                return self._forward_scaled_mm(x)
-            except (RuntimeError, TypeError, ValueError):  # torch raises ValueError for a scale layout it rejects
-                self._scaled_mm_failed = True  # unsupported shape/build: weight-only fp8 from now on
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        if dtype == torch.float16:
-            # fp16 could overflow on the unscaled fp8 products: dequantise the weight instead
-            w = self.weight.to(dtype)
-            w.mul_(self.weight_scale.to(dtype)[:, None])
-            return F.linear(x, w, None if self.bias is None else self.bias.to(dtype))
-        y = F.linear(x.to(dtype), self.weight.to(dtype))
-        y = y * self.weight_scale.to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y
-
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        amax = x2.abs().amax(dim=1, keepdim=True).to(torch.float32).clamp_min(1e-12)
-        x_scale = amax / FP8_MAX
-        xq = (x2.to(torch.float32) / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
-                             out_dtype=x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+                y = self._run(mode, x)
+                self.last_path = mode
+                return y
+            except torch.cuda.OutOfMemoryError:
+                raise  # the fallback would need more memory, not less
+            except Exception as e:  # an unsupported shape, build or compiler: weight-only fp8 from now on
+                if fp8_matmul.capturing():
+                    raise  # a failure inside a CUDA-graph capture is the capture's (graphs.py falls back)
+                why = f"{mode} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                self.failed[mode] = why
+        self.last_path = "dequant" if why is None else f"dequant ({why})"
+        return fp8_matmul.dequant_linear(x, self.weight, self.weight_scale, self.bias)
 
 
 # Linears whose weight dtype the engine reads to pick its compute dtype: they stay unquantised.
@@ -176,7 +181,7 @@ def default_include(name: str, lin: nn.Linear) -> bool:
 
 
 def quantize_linears(module: nn.Module, include: Callable[[str, nn.Linear], bool] | None = None,
-                     matmul: str = "dequant") -> list[str]:
+                     matmul: str = "auto") -> list[str]:
     """Swap every selected nn.Linear of `module` for an Fp8Linear, in place (meta modules stay empty).
     Returns the qualified names of the swapped linears."""
     include = include or default_include
@@ -191,11 +196,31 @@ def quantize_linears(module: nn.Module, include: Callable[[str, nn.Linear], bool
 
 
 def set_matmul(module: nn.Module, matmul: str) -> None:
-    require(matmul in MATMUL_MODES, f"fp8 matmul '{matmul}' unknown; choose one of {MATMUL_MODES}")
+    """Switch every Fp8Linear of `module` to `matmul` (and forget earlier failures and paths)."""
+    require(matmul in MATMUL_MODES, f"fp8 matmul '{matmul}' unknown; choose one of {list(MATMUL_MODES)}")
+    require(matmul != "torchao" or fp8_matmul.torchao_available(),
+            "fp8 matmul 'torchao' needs the torchao package (pip install torchao; 0.18 or newer for torch 2.11)")
     for m in module.modules():
         if isinstance(m, Fp8Linear):
             m.matmul = matmul
-            m._scaled_mm_failed = False
+            m.failed.clear()
+            m.last_path = None
+            m._ao = None
+
+
+def matmul_report(*modules: nn.Module) -> dict:
+    """What the fp8 linears of `modules` ran on their last call: {"layers": n, "modes": {mode: n},
+    "paths": {path: n}} (a path "dequant (why)" is a fallback; "not called" a layer not run yet)."""
+    modes, paths, n = {}, {}, 0
+    for mod in modules:
+        for m in mod.modules():
+            if isinstance(m, Fp8Linear):
+                n += 1
+                modes[m.matmul] = modes.get(m.matmul, 0) + 1
+                p = m.last_path or "not called"
+                paths[p] = paths.get(p, 0) + 1
+    return {"layers": n, "modes": modes, "paths": paths,
+            "fallbacks": sum(v for k, v in paths.items() if k.startswith("dequant (")) if n else 0}
 
 
 def fp8_bytes(module: nn.Module) -> int:
@@ -274,7 +299,7 @@ def as_fp8_source(src) -> Fp8Source:
 
 
 def materialize_fp8(module: nn.Module, src, what: str, device, dtype, ignore: Iterable[str] = (),
-                    include: Callable[[str, nn.Linear], bool] | None = None, matmul: str = "dequant") -> nn.Module:
+                    include: Callable[[str, nn.Linear], bool] | None = None, matmul: str = "auto") -> nn.Module:
     """Like checkpoints.materialize, with the selected linears stored as fp8.
 
     `module` is built on the meta device with plain nn.Linear layers. The file is checked strictly

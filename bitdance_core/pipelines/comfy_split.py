@@ -295,7 +295,7 @@ def read_split_configs(main_model: str, text_encoder: str, vae: str, tokenizer: 
 # ---- loading ----------------------------------------------------------------------------------
 
 def load_split(configs: SplitConfigs, device="cpu", dtype=torch.bfloat16, weights: str = "fp8", attention: str = "sdpa",
-               matmul: str = "dequant", include: Callable[[str, nn.Linear], bool] | None = None) -> T2IPipeline:
+               matmul: str = "auto", include: Callable[[str, nn.Linear], bool] | None = None) -> T2IPipeline:
     """A T2IPipeline from the split files as `read_split_configs` found them.
 
     weights: "fp8" keeps the files' fp8 linears as fp8 (their bytes and scales as stored; any
@@ -315,7 +315,7 @@ def load_split(configs: SplitConfigs, device="cpu", dtype=torch.bfloat16, weight
 
 def load_comfy_split(main_model: str, text_encoder: str, vae: str, tokenizer: str | None = None, device="cpu",
                      dtype=torch.bfloat16, weights: str = "fp8", parallel_num: int | None = None,
-                     llm_config: dict | str | None = None, attention: str = "sdpa", matmul: str = "dequant",
+                     llm_config: dict | str | None = None, attention: str = "sdpa", matmul: str = "auto",
                      include: Callable[[str, nn.Linear], bool] | None = None, qwen_vocab: str | None = None):
     """read_split_configs + load_split in one call (see both)."""
     cfg = read_split_configs(main_model, text_encoder, vae, tokenizer=tokenizer, qwen_vocab=qwen_vocab,

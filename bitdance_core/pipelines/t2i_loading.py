@@ -152,7 +152,7 @@ def weights_format(weights: str, role: str | None) -> str:
 
 
 def materialize_parts(parts, weights: str, device, dtype, include: Callable[[str, nn.Linear], bool] | None = None,
-                      matmul: str = "dequant") -> None:
+                      matmul: str = "auto") -> None:
     """Fill meta-device modules from their weight sources as `weights` says; shared by model folders
     and the ComfyUI split files (comfy_split.py), so a weights format is added in one place.
 
@@ -177,7 +177,7 @@ def materialize_parts(parts, weights: str, device, dtype, include: Callable[[str
 
 
 def load_t2i(path: str, device="cpu", dtype=torch.float32, attention: str = "sdpa", weights: str = "as-is",
-             configs: T2IConfigs | None = None, matmul: str = "dequant",
+             configs: T2IConfigs | None = None, matmul: str = "auto",
              include: Callable[[str, nn.Linear], bool] | None = None) -> T2IPipeline:
     """weights: "as-is" (read in `dtype`), "fp8" (the backbone's and the head's big linears stored as
     float8 e4m3, quantised on load unless the file has them in fp8 already; formats/fp8.py) or "4bit"

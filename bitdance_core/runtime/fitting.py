@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BitDanceError, require
+from ..formats.fp8_matmul import FP8_TENSOR_CORES, gpu_capability, has_fp8_tensor_cores
 from ..pipelines.comfy_split import SplitConfigs, load_split
 from ..pipelines.t2i_loading import T2IConfigs, load_t2i, read_t2i_configs
 from ..pipelines.t2i_q4 import q4_status
@@ -79,6 +80,41 @@ class LoadDecision:
                 "reason": self.reason, "summary": self.summary()}
 
 
+def cap_device_memory(device, cap_bytes: int) -> float:
+    """Cap this process's PyTorch allocations on a CUDA device at `cap_bytes`
+    (torch.cuda.set_per_process_memory_fraction; an allocation past it raises out-of-memory), to
+    play a smaller card on a large one. Returns the fraction set."""
+    dev = torch.device(device)
+    require(dev.type == "cuda" and torch.cuda.is_available(), "a memory cap needs a CUDA device")
+    total = torch.cuda.get_device_properties(dev).total_memory
+    require(0 < cap_bytes <= total, f"memory cap {cap_bytes / GiB:.1f} GiB: must be above 0 and at most the "
+                                    f"device's {total / GiB:.1f} GiB")
+    fraction = cap_bytes / total
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    return fraction
+
+
+def free_device_bytes(device, cap_bytes: int | None = None) -> int:
+    """What this process may still allocate on a CUDA device, for `plan_for`: the driver's free
+    memory and, under a cap (`cap_device_memory`), at most the cap less what PyTorch's allocator
+    already holds (the cap counts reserved memory)."""
+    dev = torch.device(device)
+    free = torch.cuda.mem_get_info(dev)[0]
+    if cap_bytes is not None:
+        free = min(free, cap_bytes - torch.cuda.memory_reserved(dev))
+    return max(0, int(free))
+
+
+def fp8_speed_note(capability: tuple[int, int] | None) -> str:
+    """Said in the decision line when fp8 weights are chosen on a GPU without fp8 tensor cores."""
+    if capability is None or has_fp8_tensor_cores(capability=capability):
+        return ""
+    cc = f"{capability[0]}.{capability[1]}"
+    first = f"{FP8_TENSOR_CORES[0]}.{FP8_TENSOR_CORES[1]}"
+    return (f"; this GPU (compute capability {cc}) has no fp8 tensor cores (Ada, {first}, and newer have them): "
+            "fp8 weights save memory here, not time (each matmul widens them to 16 bits)")
+
+
 def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
@@ -89,7 +125,8 @@ def _with(mode: str) -> str:
 
 def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, width: int = 1024, num_images: int = 1,
              cfg: float = 7.5, dtype=torch.bfloat16, weights: str = "auto", offload: str = "auto",
-             margin: float = 0.10, reserve_bytes: int = 512 << 20, **kw) -> LoadDecision:
+             margin: float = 0.10, reserve_bytes: int = 512 << 20, capability: tuple[int, int] | None = None,
+             **kw) -> LoadDecision:
     """Decide how to load a text-to-image model so that one generation of `height`x`width`,
     `num_images`, `cfg` fits `free_bytes` of device memory (less `margin` and `reserve_bytes`).
 
@@ -97,6 +134,9 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
     `load_planned`), its T2IConfigs, the ComfyUI split files' SplitConfigs (comfy_split.read_split_configs),
     or (llm, head, ae) configs.
     weights: "auto" | "as-is" | "fp8" | "4bit"; offload: "auto" | "none" | "stage" | "stream".
+    capability: the GPU's compute capability (default: asked of the device when it is a CUDA GPU
+    here); with fp8 weights on a GPU older than Ada (no fp8 tensor cores), the reason says that fp8
+    saves memory there, not time.
 
     On a GPU, "auto" weights are the first of as-is, fp8, 4-bit that fits without offloading (with
     offload "auto"; an explicit offload mode: with that mode), since a smaller format is faster than
@@ -129,9 +169,7 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
                 configs=configs)
 
     def q4_note(w: str) -> str:
-        if w != "4bit" or configs is None:
-            return ""
-        return f" ({q4_status(configs)})" if isinstance(configs, T2IConfigs) else " (the backbone is quantised on load)"
+        return _q4_note(w, configs)
 
     if dev == "cpu":
         w = "as-is" if weights == "auto" else weights
@@ -143,6 +181,28 @@ def plan_for(source, free_bytes: int | None, device="cuda", height: int = 1024, 
         return LoadDecision(w, mode, plan, why, free_bytes=free_bytes, usable_bytes=None, **info)
 
     require(free_bytes is not None, "free_bytes is needed to plan for a GPU")
+    cap = capability if capability is not None else gpu_capability(device)
+    decision = _plan_gpu(name, device, llm, head, ae, args, common, info, free_bytes, weights, offload, margin,
+                         reserve_bytes, kw)
+    if decision.weights == "fp8":
+        decision.reason += fp8_speed_note(cap)
+    return decision
+
+
+def _q4_note(w: str, configs) -> str:
+    """Where a 4-bit load takes its backbone from, for the decision line."""
+    if w != "4bit" or configs is None:
+        return ""
+    return f" ({q4_status(configs)})" if isinstance(configs, T2IConfigs) else " (the backbone is quantised on load)"
+
+
+def _plan_gpu(name, device, llm, head, ae, args, common, info, free_bytes, weights, offload, margin, reserve_bytes, kw):
+    """plan_for on a GPU: the weights/offload choice against `free_bytes` (see plan_for)."""
+
+    def q4_note(w: str) -> str:
+        return _q4_note(w, info["configs"])
+    height, width = args[3], args[4]
+    num_images, cfg, dtype = common["num_images"], common["cfg"], common["dtype"]
     cands = {}  # weights -> (usable, plans)
     for w in (PREFERENCE if weights == "auto" else [weights]):
         cands[w] = _candidate_plans(free_bytes, *args, weights=w, margin=margin, reserve_bytes=reserve_bytes, **common)

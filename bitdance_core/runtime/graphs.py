@@ -386,3 +386,13 @@ def enable_compile(pipe, mode: str = "max-autotune-no-cudagraphs", force: bool =
     if isinstance(pipe.backbone, GraphedBackbone):  # its block step does not go through layer.forward
         pipe.backbone.step_fn = torch.compile(static_step, mode=mode, dynamic=False)
     return True
+
+
+def disable_compile(pipe) -> None:
+    """Undo `enable_compile`: the plain forwards back (the static block step goes with its graphs)."""
+    net = pipe.head.net.inner if isinstance(pipe.head.net, GraphedModule) else pipe.head.net
+    net.__dict__.pop("forward", None)
+    for layer in pipe.backbone.model.layers:
+        layer.__dict__.pop("forward", None)
+    if isinstance(pipe.backbone, GraphedBackbone):
+        pipe.backbone.step_fn = static_step

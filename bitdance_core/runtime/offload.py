@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import require
-from .host_memory import HostCopies
+from .host_memory import HostCopies, registration_status
 
 MODES = ("none", "stage", "stream")
 _ALIGN = 256
@@ -104,7 +104,8 @@ class WeightHome:
         if pin:  # packed into page-locked chunks (host_memory.py), one tensor at a time
             self.host = HostCopies(pin=True)
             sizes = [_get(*s).numel() * _get(*s).element_size() for s in slots]
-            self.host.pack(lambda i: _get(*slots[i]).to("cpu"), put, len(slots), sizes)
+            # copied from wherever it is (a model drawn on the GPU goes straight into the locked pages)
+            self.host.pack(lambda i: _get(*slots[i]), put, len(slots), sizes)
         else:
             for i, s in enumerate(slots):
                 put(i, _get(*s).detach().to("cpu"))
@@ -348,6 +349,33 @@ class Offload:
         """Weight bytes held on the device right now (resident groups, resident layers and slots)."""
         n = self.stage.resident_bytes() if self.stage is not None else 0
         return n + (self.stream.resident_bytes if self.stream is not None else 0)
+
+    def homes(self) -> list[WeightHome]:
+        out = list(self.stage.homes.values()) if self.stage is not None else []
+        if self.stream is not None:
+            out += [self.stream.fixed] + self.stream.homes
+        return out
+
+    def host_report(self) -> dict:
+        """The host copies' chunks: how many, their bytes, how each was locked ("registered" by
+        cudaHostRegister, "pinned" by PyTorch, "pageable"), the reasons for any that are not
+        registered, what `is_pinned()` says of each kind, and the process's registration status."""
+        out = {"chunks": 0, "bytes": 0, "how": {}, "failures": [], "is_pinned": {}}
+        for home in self.homes():
+            if home.host is None:
+                continue
+            r = home.host.report()
+            out["chunks"] += r["chunks"]
+            out["bytes"] += r["bytes"]
+            for k, v in r["how"].items():
+                out["how"][k] = out["how"].get(k, 0) + v
+            out["failures"] += [f for f in r["failures"] if f not in out["failures"]]
+            if isinstance(r.get("is_pinned"), dict):
+                out["is_pinned"].update(r["is_pinned"])
+            elif "is_pinned" in r:
+                out["failures"].append(r["is_pinned"])
+        out["registration"] = registration_status()
+        return out
 
     def remove(self) -> None:
         if self.stream is not None:
