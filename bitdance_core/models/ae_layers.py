@@ -177,14 +177,19 @@ class Decoder(nn.Module):
         x = self.trunk(z, generator, noise, stop=0)
         return self.conv_out(swish(self.norm_out(x)))
 
-    def trunk(self, z, generator=None, noise=None, stop: int = 0):
-        """conv_in, the mid blocks and the levels down to `stop` (its ResBlocks, not its upsampler)."""
-        std, mean = style_stats(z)
+    def stem(self, z, generator=None, noise=None):
+        """conv_in of the bits (the GAN decoder's: of the bits and a noise block, drawn from `generator`
+        in the bits' shape unless given)."""
         if self.gan:
             if noise is None:
                 noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z = torch.cat([z, noise], dim=1)
-        x = self.conv_in(z)
+        return self.conv_in(z)
+
+    def trunk(self, z, generator=None, noise=None, stop: int = 0):
+        """stem, the mid blocks and the levels down to `stop` (its ResBlocks, not its upsampler)."""
+        std, mean = style_stats(z)  # of the bits, before any noise joins them
+        x = self.stem(z, generator, noise)
         for blk in self.mid_block:
             x = blk(x)
         for i in reversed(range(stop, len(self.up))):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitDanceError, require
-from .ae_layers import AutoencoderConfig, Decoder, ResBlock, style_stats
+from .ae_layers import AutoencoderConfig, Decoder, ResBlock
 from .autoencoder import BinaryAutoencoder
 
 REGISTER_TOKENS = 4
@@ -238,20 +238,11 @@ class GANDecoder(Decoder, RegisterAttention):
         super().__init__(cfg.decoder_config())
         self._init_attention(cfg.width, cfg.n_heads, cfg.attn_blocks)
 
-    def trunk(self, z, generator=None, noise=None, stop: int = 0):
-        std, mean = style_stats(z)  # of the bits, before the noise joins them
+    def stem(self, z, generator=None, noise=None):
+        """The GAN decoder's conv_in of the bits and their noise block, then UniWeTok's attention blocks."""
         if noise is None:
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        x = self.attend(self.conv_in(torch.cat([z, noise], dim=1)))
-        for blk in self.mid_block:
-            x = blk(x)
-        for i in reversed(range(stop, len(self.up))):
-            x = self.adaptive[i](x, std, mean)
-            for blk in self.up[i].block:
-                x = blk(x)
-            if i > stop:
-                x = self.up[i].upsample(x)
-        return x
+        return self.attend(self.conv_in(torch.cat([z, noise], dim=1)))
 
 
 def nearest_size(side: int, factor: int, minimum: int) -> int:
