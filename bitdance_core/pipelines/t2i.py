@@ -16,10 +16,11 @@ import torch
 from ..errors import BitDanceError, require
 from ..models.autoencoder import BinaryAutoencoder
 from ..models.head import DiffusionHead
-from ..models.positions import blocks_to_raster, sincos_2d_blocks
+from ..models.positions import blocks_to_raster, raster_to_blocks, sincos_2d_blocks
 from ..models.projector import Projector
 from ..models.qwen3 import KVCache, Qwen3Backbone
-from ..models.sampler import SAMPLERS
+from ..models.sampler import SAMPLERS, skip_draws
+from . import continuation
 from .prompts import PromptCodec, PromptTokens
 
 # The official [height, width] list (modeling/t2i_pipeline.py): the presets.
@@ -52,6 +53,12 @@ class T2IPipeline:
     def supported_sizes(self) -> list[tuple[int, int]]:
         return [s for s in OFFICIAL_SIZES if s[0] % self.block_pixels == 0 and s[1] % self.block_pixels == 0]
 
+    def block_grid(self, height: int, width: int) -> continuation.BlockGrid:
+        """The blocks of a height x width generation (what a continuation's keep mask is made of)."""
+        self.check_size(height, width)
+        f, bs = self.downsample, self.block_side
+        return continuation.BlockGrid(height // f, width // f, bs, bs, self.latent_channels, f)
+
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptTokens:
         return self.codec.encode_prompt(prompt, negative_prompt)
 
@@ -69,8 +76,14 @@ class T2IPipeline:
     def generate(self, prompt: PromptTokens | str, height: int = 1024, width: int = 1024, steps: int = 50,
                  cfg: float = 7.5, num_images: int = 1, seed: int = 0, negative_prompt: str | None = None,
                  sampler: str = "euler_maruyama", callback: Callback | None = None,
-                 batched_cfg: bool = True) -> torch.Tensor:
-        """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32)."""
+                 batched_cfg: bool = True, init_bits: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32).
+
+        init_bits (±1 [1 or num_images, C, H/16, W/16]) and keep (bool block mask [H/16/bs, W/16/bs] or
+        one per image, True = keep; see block_grid): continue an image. Kept blocks are these bits, fed
+        to the backbone as if sampled; the others are sampled; the random draws are those of an
+        unforced run (pipelines/continuation.py)."""
         if isinstance(prompt, str):
             prompt = self.encode_prompt(prompt, negative_prompt)
         require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
@@ -84,6 +97,8 @@ class T2IPipeline:
         n_blocks = lat_h * lat_w // P
         guided = cfg > 1.0
         gen = torch.Generator(device=dev).manual_seed(int(seed))
+        cont = continuation.prepare(self.block_grid(height, width), init_bits, keep, B,
+                                    lambda bits: raster_to_blocks(bits, self.block_side), dev)
 
         prefix = self.codec.image_prefix(lat_h, lat_w, P)
         branches = [list(prompt.cond_ids) + prefix] + ([list(prompt.uncond_ids) + prefix] if guided else [])
@@ -100,11 +115,19 @@ class T2IPipeline:
         out_blocks = []
         for s in range(n_blocks):
             pe = pos_table[s * P:(s + 1) * P]
-            pred = sample(self.head.net, hidden.to(torch.float32) + pe, cfg, steps, gen, x_dim=self.latent_channels, **extra)
-            bits = torch.sign(pred)
+            cond = hidden.to(torch.float32) + pe
+            if cont is not None and cont.keeps_all(s):
+                # the head's draws without its compute: the seed means the same as without a mask
+                skip_draws(sampler, cond, cfg, steps, gen, x_dim=self.latent_channels)
+                bits = torch.cat([cont.tokens[:, s]] * (2 if guided else 1))
+            else:
+                pred = sample(self.head.net, cond, cfg, steps, gen, x_dim=self.latent_channels, **extra)
+                bits = torch.sign(pred)  # with guidance [cond; uncond] rows, the same bits twice
+                if cont is not None:
+                    bits = torch.cat([cont.force(s, bits[:B])] * (2 if guided else 1))
             out_blocks.append(bits[:B])
             if callback is not None:
-                callback(s, n_blocks, self._partial(out_blocks, lat_h, lat_w))
+                callback(s, n_blocks, self._partial(out_blocks, lat_h, lat_w, cont))
             if s == n_blocks - 1:
                 break  # the backbone pass after the last block would be unused
             inp = self.projector(bits).to(torch.float32) + pe
@@ -116,7 +139,10 @@ class T2IPipeline:
         tokens = torch.cat(out_blocks, dim=1)
         return blocks_to_raster(tokens, lat_h, lat_w, self.block_side).float()
 
-    def _partial(self, blocks, lat_h, lat_w) -> torch.Tensor:
+    def _partial(self, blocks, lat_h, lat_w, cont=None) -> torch.Tensor:
+        """The bits so far [B, C, h, w]: blocks not drawn yet are 0, except kept ones (already known)."""
+        if cont is not None:
+            return blocks_to_raster(cont.preview(blocks), lat_h, lat_w, self.block_side)
         done = torch.cat(blocks, dim=1)
         full = torch.zeros(done.shape[0], lat_h * lat_w, done.shape[2], dtype=torch.float32, device=done.device)
         full[:, :done.shape[1]] = done
