@@ -54,8 +54,8 @@ class BlockGrid:
 
     def describe(self) -> str:
         f = self.downsample
-        return (f"{self.lat_w * f}x{self.lat_h * f} px ({self.lat_w}x{self.lat_h} latent, {self.cols}x{self.rows} blocks "
-                f"of {self.block_w * f}x{self.block_h * f} px)")
+        return (f"{self.lat_w * f}x{self.lat_h * f} px (width x height; {self.lat_w}x{self.lat_h} latent, "
+                f"{self.cols}x{self.rows} blocks of {self.block_w * f}x{self.block_h * f} px)")
 
 
 def keep_rows(grid: BlockGrid, rows: int) -> torch.Tensor:
@@ -92,10 +92,11 @@ def check_keep(grid: BlockGrid, keep, num_images: int) -> torch.Tensor:
         require(bool(((keep == 0) | (keep == 1)).all()),
                 f"keep mask: must be bool (or 0/1), shape {want}; got values other than 0 and 1")
         keep = keep != 0
+    shape = list(keep.shape)
     if keep.dim() == 2:
         keep = keep[None]
     require(keep.dim() == 3 and tuple(keep.shape[1:]) == (grid.rows, grid.cols),
-            f"keep mask: shape {list(keep.shape)} does not fit: expected {want}, or [{num_images}, {grid.rows}, {grid.cols}] "
+            f"keep mask: shape {shape} does not fit: expected {want}, or [{num_images}, {grid.rows}, {grid.cols}] "
             f"with one mask per image")
     require(keep.shape[0] in (1, num_images),
             f"keep mask: {keep.shape[0]} masks for {num_images} images; give one mask, or one per image")
