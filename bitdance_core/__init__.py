@@ -7,6 +7,7 @@ command line (cli) and training (train) on top.
 """
 from .errors import BitDanceError, OutOfDeviceMemory
 from .models.autoencoder import BinaryAutoencoder
+from .pipelines.continuation import BlockGrid, extend_canvas, keep_from_noise_mask, keep_rows
 from .pipelines.imagenet import ImageNetPipeline, load_imagenet
 from .pipelines.imagenet_classes import class_index, imagenet_class_names, parse_classes
 from .pipelines.images import from_unit_hwc, to_uint8, to_unit_hwc
@@ -17,7 +18,7 @@ from .pipelines.tokenizers import find_autoencoder_files, load_autoencoder as lo
 
 find_t2i_files = ModelFiles.find  # raises BitDanceError unless the path is a text-to-image model folder
 
-__all__ = ["BinaryAutoencoder", "BitDanceError", "ImageNetPipeline", "ModelFiles", "OFFICIAL_SIZES", "OutOfDeviceMemory",
-           "PromptTokens", "T2IInfo", "T2IPipeline", "class_index", "describe_t2i", "find_autoencoder_files",
-           "find_t2i_files", "from_unit_hwc", "imagenet_class_names", "load_imagenet", "load_t2i", "load_tokenizer",
-           "parse_classes", "to_uint8", "to_unit_hwc"]
+__all__ = ["BinaryAutoencoder", "BitDanceError", "BlockGrid", "ImageNetPipeline", "ModelFiles", "OFFICIAL_SIZES",
+           "OutOfDeviceMemory", "PromptTokens", "T2IInfo", "T2IPipeline", "class_index", "describe_t2i", "extend_canvas",
+           "find_autoencoder_files", "find_t2i_files", "from_unit_hwc", "imagenet_class_names", "keep_from_noise_mask",
+           "keep_rows", "load_imagenet", "load_t2i", "load_tokenizer", "parse_classes", "to_uint8", "to_unit_hwc"]

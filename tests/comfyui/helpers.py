@@ -15,7 +15,8 @@ def ui_twin(api_path: str) -> str:
     return os.path.join(WORKFLOWS, os.path.basename(api_path).replace(".api.json", ".json"))
 TEST_WORKFLOWS = os.path.join(REPO, "tests", "workflows")
 NODE_IDS = ["BitDanceModelLoader", "BitDanceTextEncode", "BitDanceARSampler", "BitDanceTokenizerLoader",
-            "BitDanceDecode", "BitDanceEncode", "BitDanceImageNetLoader", "BitDanceImageNetSampler"]
+            "BitDanceDecode", "BitDanceEncode", "BitDanceExtendCanvas", "BitDanceImageNetLoader",
+            "BitDanceImageNetSampler"]
 
 
 def load(path: str) -> dict:
