@@ -4,7 +4,8 @@
 // width and height). Its entries are the official BitDance sizes that the model wired into the
 // sampler can make (sizes must divide by its block: 128 px for 64x models, 64 px for 16x), each
 // labelled with the number of AR steps it takes. Under the widgets the node shows the AR step
-// count of the current width x height, or why that size does not work with this model.
+// count of the current width x height, or why that size does not work with this model (or, with a
+// LATENT on its init input, that the init's size is used).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -91,10 +92,17 @@ function syncPreset(node) {
   widget(node, "preset").value = match ? match.label : CUSTOM;
 }
 
+// With a LATENT on "init" the sampler continues that image: its size, not width/height.
+function continuesInit(node) {
+  const input = node.inputs?.find((i) => i.name === "init");
+  return input != null && input.link != null;
+}
+
 function statusText(node) {
   const b = node.bitdance;
   if (!b.model) return "connect a BitDance Model Loader";
   if (!b.info) return b.error ? `model not on disk: ${b.model}` : "…";
+  if (continuesInit(node)) return "continues init: its size (width/height unused)";
   const w = widget(node, "width").value;
   const h = widget(node, "height").value;
   const steps = arSteps(b.info, w, h);

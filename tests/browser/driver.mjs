@@ -124,6 +124,17 @@ try {
       await new Promise((r) => setTimeout(r, 300));
       out.after_typing = { preset: w("preset").value, status: n.bitdance.status };
       out.preset_in_prompt = "preset" in (await window.app.graphToPrompt()).output[String(n.id)].inputs;
+      // a LATENT on "init": the status says the init's size is used; taken away again before queueing
+      const src = window.LiteGraph.createNode("EmptyLatentImage");
+      window.app.graph.add(src);
+      src.connect(0, n, n.findInputSlot("init"));
+      window.app.graph.setDirtyCanvas(true, true);
+      await new Promise((r) => setTimeout(r, 300));
+      out.with_init = n.bitdance.status;
+      window.app.graph.remove(src);
+      window.app.graph.setDirtyCanvas(true, true);
+      await new Promise((r) => setTimeout(r, 300));
+      out.after_init_removed = n.bitdance.status;
       return out;
     });
 

@@ -95,6 +95,8 @@ def test_browser(comfy, upload_example, tmp_path):
     assert web["after_preset"]["status"].startswith("64 AR steps")
     assert web["after_typing"] == {"preset": "custom", "status": "16 AR steps · 16 tokens per step"}
     assert web["preset_in_prompt"] is False
+    assert web["with_init"] == "continues init: its size (width/height unused)"
+    assert web["after_init_removed"] == web["after_typing"]["status"]
     assert out["output"]["width"] == 256 and out["output"]["height"] == 256 and "/view?" in out["output"]["src"]
     assert out["new_prompts"] == 1
     assert os.path.getsize(shot) > 10_000
