@@ -195,8 +195,8 @@ def prepare(grid: BlockGrid, init_bits, keep, num_images: int, to_tokens, device
     require(bits.shape[0] in (1, num_images),
             f"init bits hold {bits.shape[0]} images for {num_images} to generate; give one (broadcast) or {num_images}")
     keep = check_keep(grid, keep, num_images)
-    require(not bool(keep.all()), f"the keep mask keeps every block of {grid.describe()}: nothing would be "
-                                  f"regenerated; mark some blocks to regenerate")
+    require(not bool(keep.all()), f"nothing to regenerate: every block of {grid.describe()} is kept (the keep mask "
+                                  f"keeps them all, or the noise mask marks no pixel); mark some blocks to regenerate")
     bits = bits.to(device, torch.float32).expand(num_images, -1, -1, -1)
     tokens = to_tokens(bits)
     tokens = tokens.reshape(num_images, grid.steps, -1, tokens.shape[-1])

@@ -127,7 +127,8 @@ def test_imagenet_class_sampler_init_equals_the_cli(comfy, tmp_path):
     assert not np.array_equal(ours[0], ours[1])  # two images from one init: each its own noise
 
 
-@pytest.mark.parametrize("case", ["no_mask", "mask_does_not_fit", "other_tokenizer", "not_bitdance_bits"])
+@pytest.mark.parametrize("case", ["no_mask", "mask_marks_nothing", "mask_does_not_fit", "other_tokenizer",
+                                  "not_bitdance_bits"])
 def test_bad_init_is_a_clear_error(comfy, case):
     _rgba(comfy, "bd_plain.png", 256, (slice(0, 0), slice(0, 0)))
     wf = _t2i_graph("bd_plain.png", 1, {
@@ -135,6 +136,8 @@ def test_bad_init_is_a_clear_error(comfy, case):
         "10": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 256, "height": 256}}})
     if case == "no_mask":
         wf["6"]["inputs"]["init"] = ["4", 0]
+    elif case == "mask_marks_nothing":  # e.g. LoadImage's mask of an image without alpha: all 0
+        wf["10"]["inputs"].update(value=0.0)
     elif case == "mask_does_not_fit":
         wf["10"]["inputs"].update(width=64, height=128)
     elif case == "other_tokenizer":  # the digits demo model's tokenizer: 8x downsampling, not 16x
@@ -149,6 +152,7 @@ def test_bad_init_is_a_clear_error(comfy, case):
     msg = errs[0]["exception_message"]
     assert errs[0]["node_type"] == "BitDanceARSampler", errs[0]
     expected = {"no_mask": "init: this LATENT has no noise_mask",
+                "mask_marks_nothing": "nothing to regenerate: every block of 256x256 px",
                 "mask_does_not_fit": "noise mask: 64x128 does not fit the image, 256x256 px",
                 "other_tokenizer": "init: these bits were made for tokenizer 'bitdance-z32-f8'",
                 "not_bitdance_bits": "init: this LATENT was not made by a BitDance node"}[case]
