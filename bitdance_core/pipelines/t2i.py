@@ -56,8 +56,11 @@ class T2IPipeline:
     def block_grid(self, height: int, width: int) -> continuation.BlockGrid:
         """The blocks of a height x width generation (what a continuation's keep mask is made of)."""
         self.check_size(height, width)
-        f, bs = self.downsample, self.block_side
-        return continuation.BlockGrid(height // f, width // f, bs, bs, self.latent_channels, f)
+        return self._grid(height // self.downsample, width // self.downsample)
+
+    def _grid(self, lat_h: int, lat_w: int) -> continuation.BlockGrid:
+        bs = self.block_side
+        return continuation.BlockGrid(lat_h, lat_w, bs, bs, self.latent_channels, self.downsample)
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptTokens:
         return self.codec.encode_prompt(prompt, negative_prompt)
@@ -97,7 +100,7 @@ class T2IPipeline:
         n_blocks = lat_h * lat_w // P
         guided = cfg > 1.0
         gen = torch.Generator(device=dev).manual_seed(int(seed))
-        cont = continuation.prepare(self.block_grid(height, width), init_bits, keep, B,
+        cont = continuation.prepare(self._grid(lat_h, lat_w), init_bits, keep, B,
                                     lambda bits: raster_to_blocks(bits, self.block_side), dev)
 
         prefix = self.codec.image_prefix(lat_h, lat_w, P)
