@@ -180,7 +180,11 @@ class BitDanceARSampler(io.ComfyNode):
         if init is not None:  # continue an image: its size and mask
             init_bits, mask, batch_size, height, width = read_init(init, pipe.autoencoder.family, pipe.downsample,
                                                                    batch_size)
-            keep = bd.keep_from_noise_mask(pipe.block_grid(height, width), mask, batch_size)
+            try:
+                grid = pipe.block_grid(height, width)
+            except bd.BitDanceError as e:
+                raise bd.BitDanceError(f"init: its size, {width}x{height} px, does not fit this model: {e}") from e
+            keep = bd.keep_from_noise_mask(grid, mask, batch_size)
         pipe.check_size(height, width)
         fit = None
         if managed.memory is not None:  # the engine predicts this generation's peak as the model is loaded

@@ -128,10 +128,11 @@ def test_imagenet_class_sampler_init_equals_the_cli(comfy, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_mask", "mask_marks_nothing", "mask_does_not_fit", "other_tokenizer",
-                                  "not_bitdance_bits"])
+                                  "not_bitdance_bits", "size_the_model_cannot_make"])
 def test_bad_init_is_a_clear_error(comfy, case):
     _rgba(comfy, "bd_plain.png", 256, (slice(0, 0), slice(0, 0)))
-    wf = _t2i_graph("bd_plain.png", 1, {
+    _rgba(comfy, "bd_small.png", 96, (slice(0, 0), slice(0, 0)))
+    wf = _t2i_graph("bd_small.png" if case == "size_the_model_cannot_make" else "bd_plain.png", 1, {
         "5": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["4", 0], "mask": ["10", 0]}},
         "10": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 256, "height": 256}}})
     if case == "no_mask":
@@ -155,5 +156,6 @@ def test_bad_init_is_a_clear_error(comfy, case):
                 "mask_marks_nothing": "nothing to regenerate: every block of 256x256 px",
                 "mask_does_not_fit": "noise mask: 64x128 does not fit the image, 256x256 px",
                 "other_tokenizer": "init: these bits were made for tokenizer 'bitdance-z32-f8'",
-                "not_bitdance_bits": "init: this LATENT was not made by a BitDance node"}[case]
+                "not_bitdance_bits": "init: this LATENT was not made by a BitDance node",
+                "size_the_model_cannot_make": "init: its size, 96x96 px, does not fit this model"}[case]
     assert expected in msg, msg
