@@ -145,7 +145,7 @@ def test_bad_init_is_a_clear_error(comfy, case):
         wf["11"] = {"class_type": "BitDanceModelLoader", "inputs": {"model": "demo/digits-t2i", "dtype": "auto",
                                                                     "attention": "auto", "download": False}}
         wf["4"]["inputs"]["tokenizer"] = ["11", 1]
-    else:
+    elif case == "not_bitdance_bits":
         wf["4"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}}
     entry = comfy.wait(comfy.queue_prompt(wf))
     errs = comfy.messages(entry, "execution_error")
