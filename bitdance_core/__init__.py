@@ -8,6 +8,7 @@ command line (cli) and training (train) on top.
 from .errors import BitDanceError, OutOfDeviceMemory
 from .models.autoencoder import BinaryAutoencoder
 from .models.uniwetok import UniWeTok
+from .pipelines.continuation import BlockGrid, extend_canvas, keep_from_noise_mask, keep_rows
 from .pipelines.imagenet import ImageNetPipeline, load_imagenet
 from .pipelines.imagenet_info import ImageNetInfo, describe_imagenet
 from .pipelines.imagenet_classes import class_index, class_label, imagenet_class_names, parse_class_label, parse_classes
@@ -22,8 +23,10 @@ from .pipelines.uniwetok_loading import find_uniwetok_files, is_uniwetok_checkpo
 
 find_t2i_files = ModelFiles.find  # raises BitDanceError unless the path is a text-to-image model folder
 
-__all__ = ["BinaryAutoencoder", "BitDanceError", "ImageNetPipeline", "ModelFiles", "OFFICIAL_SIZES", "OutOfDeviceMemory",
-           "ImageNetInfo", "PromptTokens", "SplitConfigs", "T2IInfo", "T2IPipeline", "UNIWETOK_EXTS", "UniWeTok", "class_index", "class_label", "describe_imagenet",
-           "describe_split", "describe_t2i", "find_autoencoder_files", "find_t2i_files", "find_tokenizer_files", "find_uniwetok_files",
-           "from_unit_hwc", "imagenet_class_names", "is_uniwetok_checkpoint", "load_imagenet", "load_split", "load_t2i",
-           "load_tokenizer", "parse_class_label", "parse_classes", "read_split_configs", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]
+__all__ = ["BinaryAutoencoder", "BitDanceError", "BlockGrid", "ImageNetInfo", "ImageNetPipeline", "ModelFiles",
+           "OFFICIAL_SIZES", "OutOfDeviceMemory", "PromptTokens", "SplitConfigs", "T2IInfo", "T2IPipeline",
+           "UNIWETOK_EXTS", "UniWeTok", "class_index", "class_label", "describe_imagenet", "describe_split",
+           "describe_t2i", "extend_canvas", "find_autoencoder_files", "find_t2i_files", "find_tokenizer_files",
+           "find_uniwetok_files", "from_unit_hwc", "imagenet_class_names", "is_uniwetok_checkpoint", "keep_from_noise_mask",
+           "keep_rows", "load_imagenet", "load_split", "load_t2i", "load_tokenizer", "parse_class_label", "parse_classes",
+           "read_split_configs", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import paths
+from .continuation import NODES as CONTINUATION_NODES
 from .imagenet import NODES as IMAGENET_NODES
 from .split_loader import NODES as SPLIT_NODES
 from .t2i import NODES as T2I_NODES
 from .tokenizer import NODES as TOKENIZER_NODES
 
-NODES: list[type[io.ComfyNode]] = [*T2I_NODES, *SPLIT_NODES, *TOKENIZER_NODES, *IMAGENET_NODES]
+NODES: list[type[io.ComfyNode]] = [*T2I_NODES, *SPLIT_NODES, *TOKENIZER_NODES, *CONTINUATION_NODES, *IMAGENET_NODES]
 
 paths.register()
 

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from . import paths
 from .engine import bd, class_label, imagenet_class_names, parse_class_label
 from .memory import DTYPE_CHOICES, Managed, make_room, pick_device, pick_dtype
+from .continuation import init_input, read_init
 from .validation import check_combo
 from .progress import BlockProgress
 from .types import ImageNetModelType, Tokenizer, TokenizerType, bits_latent, expect
@@ -86,6 +87,7 @@ class BitDanceImageNetSampler(io.ComfyNode):
                 io.Combo.Input("cfg_schedule", options=CFG_SCHEDULES, default="linear"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
+                init_input(),
             ],
             outputs=[io.Latent.Output(display_name="bits")],
         )
@@ -104,7 +106,7 @@ class BitDanceImageNetSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, class_name: str, class_index: int, steps: int, cfg: float, cfg_schedule: str, seed: int,
-                batch_size: int) -> io.NodeOutput:
+                batch_size: int, init=None) -> io.NodeOutput:
         managed = expect(model, Managed, "model", "BitDance ImageNet Loader")
         net = managed.obj
         index = class_index if class_index >= 0 else parse_class_label(class_name)
@@ -113,10 +115,15 @@ class BitDanceImageNetSampler(io.ComfyNode):
             shown = ", ".join(labels if len(labels) <= 20 else labels[:20] + ["..."])
             what = f"class_index {class_index}" if class_index >= 0 else f"class_name '{class_name}'"
             raise bd.BitDanceError(f"{what}: {managed.name} has {net.num_classes} classes ({shown}); choose one of them")
+        init_bits = keep = None
+        if init is not None:  # continue an image: its mask (the size must be the model's)
+            init_bits, mask, batch_size, _, _ = read_init(init, net.autoencoder.family, net.autoencoder.downsample,
+                                                          batch_size)
+            keep = bd.keep_from_noise_mask(net.block_grid(), mask, batch_size)
         managed.ensure_loaded()
         progress = BlockProgress(decode=net.autoencoder.decode)
         bits = net.generate(classes=[index] * batch_size, steps=steps, cfg=None if cfg < 0 else cfg,
-                            cfg_schedule=cfg_schedule, seed=seed, callback=progress)
+                            cfg_schedule=cfg_schedule, seed=seed, callback=progress, init_bits=init_bits, keep=keep)
         return io.NodeOutput(bits_latent(bits.cpu(), net.autoencoder.family))
 
 

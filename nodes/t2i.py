@@ -11,6 +11,7 @@ from .download import download_release
 from .engine import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, check_generation, describe_loaded, enable_cuda_graphs,
                      find_t2i_files, load_t2i_planned, plan_t2i)
 from .memory import DTYPE_CHOICES, Managed, free_memory_for_planning, make_room, pick_device, pick_dtype
+from .continuation import init_input, read_init
 from .validation import check_combo
 from .progress import BlockProgress
 from .types import Conditioning, ConditioningType, ModelType, Tokenizer, TokenizerType, bits_latent, expect
@@ -165,6 +166,7 @@ class BitDanceARSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Combo.Input("sampler", options=SAMPLER_CHOICES, default="euler_maruyama", optional=True),
+                init_input(),
             ],
             outputs=[io.Latent.Output(display_name="bits")],
         )
@@ -175,7 +177,7 @@ class BitDanceARSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, width: int, height: int, steps: int, cfg: float, seed: int, batch_size: int,
-                negative=None, sampler: str = "euler_maruyama") -> io.NodeOutput:
+                negative=None, sampler: str = "euler_maruyama", init=None) -> io.NodeOutput:
         managed = expect(model, Managed, "model", "BitDance Model Loader")
         pos = expect(positive, Conditioning, "positive", "BitDance Text Encode")
         pipe = managed.obj
@@ -189,6 +191,15 @@ class BitDanceARSampler(io.ComfyNode):
                                        f"model is '{managed.name}'; connect the same model to both nodes")
         if negative is not None:
             tokens = pipe.encode_prompt(pos.tokens.prompt, negative.tokens.prompt)
+        init_bits = keep = None
+        if init is not None:  # continue an image: its size and mask
+            init_bits, mask, batch_size, height, width = read_init(init, pipe.autoencoder.family, pipe.downsample,
+                                                                   batch_size)
+            try:
+                grid = pipe.block_grid(height, width)
+            except bd.BitDanceError as e:
+                raise bd.BitDanceError(f"init: its size, {width}x{height} px, does not fit this model: {e}") from e
+            keep = bd.keep_from_noise_mask(grid, mask, batch_size)
         pipe.check_size(height, width)
         fit = None
         if managed.memory is not None:  # the engine predicts this generation's peak as the model is loaded
@@ -200,7 +211,7 @@ class BitDanceARSampler(io.ComfyNode):
         progress = BlockProgress(decode=pipe.decode)
         try:
             bits = pipe.generate(tokens, height=height, width=width, steps=steps, cfg=cfg, num_images=batch_size,
-                                 seed=seed, sampler=sampler, callback=progress)
+                                 seed=seed, sampler=sampler, callback=progress, init_bits=init_bits, keep=keep)
         except torch.cuda.OutOfMemoryError as e:  # still one for ComfyUI (it unloads models after it)
             hint = (fit.message if fit is not None and fit.message
                     else "use a smaller size or batch, or fp8 weights / an offload mode in the loader")

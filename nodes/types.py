@@ -51,15 +51,20 @@ def bits_latent(bits, family: str) -> dict:
     return {"samples": bits, FAMILY_KEY: family}
 
 
-def latent_bits(latent, tokenizer: Tokenizer):
+def latent_bits(latent, tokenizer: Tokenizer, what: str = "latent"):
     """The ±1 bits of a BitDance LATENT, refused when another tokenizer family made them."""
+    return family_bits(latent, tokenizer.family, what)
+
+
+def family_bits(latent, family: str, what: str):
+    """The ±1 bits of a BitDance LATENT made for the tokenizer family `family`."""
     if not isinstance(latent, dict) or "samples" not in latent:
-        raise bd.BitDanceError("latent: expected a LATENT (a dict with 'samples')")
-    family = latent.get(FAMILY_KEY)
-    if family is None:
-        raise bd.BitDanceError("latent: this LATENT was not made by a BitDance node (it has no tokenizer tag); "
-                               "BitDance tokenizers decode only bits from the BitDance samplers or BitDance Encode")
-    if family != tokenizer.family:
-        raise bd.BitDanceError(f"latent: these bits were made for tokenizer '{family}', but the tokenizer given is "
-                               f"'{tokenizer.family}'; use the tokenizer of the model that sampled them")
+        raise bd.BitDanceError(f"{what}: expected a LATENT (a dict with 'samples')")
+    tag = latent.get(FAMILY_KEY)
+    if tag is None:
+        raise bd.BitDanceError(f"{what}: this LATENT was not made by a BitDance node (it has no tokenizer tag); "
+                               f"BitDance nodes take only bits from the BitDance samplers or BitDance Encode")
+    if tag != family:
+        raise bd.BitDanceError(f"{what}: these bits were made for tokenizer '{tag}', but the tokenizer here is "
+                               f"'{family}'; use the tokenizer of the model that sampled them")
     return latent["samples"]

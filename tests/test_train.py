@@ -21,6 +21,7 @@ from bitdance_core.pipelines.t2i import BackboneRun
 from bitdance_core.train import classcond, text2image
 from bitdance_core.train.text_tokenizer import build_text_tokenizer
 from bitdance_core.models.autoencoder import BinaryAutoencoder
+from bitdance_core.train.diffusion import init_head, init_linear_embed
 from bitdance_core.train.tokenizer import DEMO_AE, init_autoencoder, train_tokenizer
 
 
@@ -62,7 +63,13 @@ def test_t2i_training_pass_matches_pipeline_prefill_and_steps(tmp_path):
     codec = load_prompt_codec(str(tmp_path))
     llm = Qwen3Config(vocab_size=tok.get_vocab_size(), **text2image.DEMO_LLM)
     head = HeadConfig(ch_cond=llm.hidden_size, **text2image.DEMO_HEAD)
-    model = perturbed(text2image.T2IModel(llm, head, 32)).eval()
+    model = text2image.T2IModel(llm, head, 32)
+    # initialised as train_t2i does: until then the backbone's Embedding holds uninitialised memory
+    # (torch.empty), which made this comparison NaN now and then
+    init_linear_embed(model.backbone)
+    init_linear_embed(model.projector)
+    init_head(model.head.net)
+    model = perturbed(model).eval()
     P, lat, ps = 4, 4, 2
     prefix = codec.image_prefix(lat, lat, P)
     rows = [codec.encode(COND_TEMPLATE.format(prompt="a handwritten digit seven")) + prefix,

@@ -6,7 +6,8 @@
 //   the official sizes for the 14B models, 32x32 .. 512x512 for the digits demo), each labelled with
 //   its AR step count; it only sets width and height and is not saved into prompts or workflows.
 //   Under the widgets: the AR step count of the current size, or (in a warning colour) why the size
-//   does not work with this model, or that the model is not on disk.
+//   does not work with this model, or that the model is not on disk; with a LATENT on its init
+//   input, that the init's size is used.
 // - ImageNet Class Sampler: the class dropdown lists the connected checkpoint's own classes (from
 //   /bitdance/imagenet_info: ImageNet's 1000, or "0" .. "9" for the digits demo); a class chosen for
 //   another model keeps its index and gets this model's name.
@@ -121,11 +122,18 @@ function syncPreset(node) {
   widget(node, "preset").value = match ? match.label : CUSTOM;
 }
 
+// With a LATENT on "init" the sampler continues that image: its size, not width/height.
+function continuesInit(node) {
+  const input = node.inputs?.find((i) => i.name === "init");
+  return input != null && input.link != null;
+}
+
 // [text, healthy?]
 function sizeStatus(node) {
   const b = node.bitdance;
   if (!b.model) return ["connect a BitDance Model Loader", false];
   if (!b.info) return b.error ? [`model not on disk: ${modelLabel(b.model)}`, false] : ["…", true];
+  if (continuesInit(node)) return ["continues init: its size (width/height unused)", true];
   const w = widget(node, "width").value;
   const h = widget(node, "height").value;
   const steps = arSteps(b.info, w, h);

@@ -1,17 +1,24 @@
 """`python -m bitdance_core imagenet ...`: class-conditional generation with a released ImageNet checkpoint."""
 from __future__ import annotations
 
+from . import continuation
 from .common import add_common, device_dtype, progress, save_outputs
 
 
 def cmd_imagenet(args):
     from ..pipelines.imagenet import load_imagenet
+    from ..pipelines.imagenet_classes import parse_classes
     from ..pipelines.images import to_uint8
 
     dev, dtype = device_dtype(args)
+    init = continuation.Init(args)
     pipe = load_imagenet(args.checkpoint, vae=args.vae, config=args.config, device=dev, dtype=dtype)
+    init_bits = keep = None
+    if init:
+        classes = parse_classes(args.classes, pipe.num_classes, allow_null=True)
+        init_bits, keep = continuation.inputs(args, pipe.block_grid(), init.encode(pipe.autoencoder, dev), len(classes))
     bits = pipe.generate(args.classes, steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule, seed=args.seed,
-                         callback=progress("steps"))
+                         callback=progress("steps"), init_bits=init_bits, keep=keep)
     pixels = pipe.decode(bits, tile=args.decode_tile)
     save_outputs(to_uint8(pixels).numpy(), bits, args)
 
@@ -28,5 +35,6 @@ def register(sub) -> None:
     p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])
     p.add_argument("--seed", type=int, default=0, help="means what torch.manual_seed(SEED) before the official model.sample means")
     p.add_argument("--decode-tile", type=int, default=None, help="decode in tiles of this many pixels (approximate, less memory)")
+    continuation.add_options(p)
     add_common(p)
     p.set_defaults(func=cmd_imagenet)

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from ..errors import BitDanceError
+from . import continuation
 from .common import ShowDefaults, add_common, device_dtype, progress, save_outputs
 
 
@@ -57,7 +59,17 @@ def cmd_t2i(args):
 
     configs = read_t2i_configs(args.model)  # each config file read once for the whole command
     info = describe_t2i(configs)
-    info.check_size(args.height, args.width)  # from the config files and tokenizer: before any weights are read
+    init = continuation.Init(args)
+    if init:  # the size defaults to the init's
+        ih, iw = init.size(info.downsample)
+        args.height, args.width = args.height or ih, args.width or iw
+    args.height, args.width = args.height or 1024, args.width or 1024
+    try:
+        info.check_size(args.height, args.width)  # from the config files and tokenizer: before any weights are read
+    except BitDanceError as e:
+        if init:  # the size may have come from the init: say so
+            raise BitDanceError(f"{init.path} ({args.width}x{args.height} px) does not fit this model: {e}") from e
+        raise
     dev, dtype = device_dtype(args)
     decision = plan_t2i_load(args, dev, dtype, args.height, args.width, args.num_images, args.cfg, source=configs)
     if args.dry_run:
@@ -65,9 +77,14 @@ def cmd_t2i(args):
               f"AR steps of {info.parallel_num} tokens; --dry-run: nothing loaded", file=sys.stderr)
         return
     pipe = load_t2i_as_planned(args, decision, dev, dtype)
+    init_bits = keep = None
+    if init:
+        grid = pipe.block_grid(args.height, args.width)
+        init_bits, keep = continuation.inputs(args, grid, init.encode(pipe.autoencoder, dev), args.num_images)
     start = time.perf_counter()
     bits = pipe.generate(pipe.encode_prompt(args.prompt, args.negative_prompt), args.height, args.width, args.steps,
-                         args.cfg, args.num_images, args.seed, callback=progress("blocks"))
+                         args.cfg, args.num_images, args.seed, callback=progress("blocks"), init_bits=init_bits,
+                         keep=keep)
     pixels = to_uint8(pipe.decode(bits)).numpy()
     n = args.num_images
     print(f"[bitdance] generated {n} image{'s' if n != 1 else ''} of {args.width}x{args.height} in "
@@ -80,13 +97,15 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model folder (official or diffusers layout)")
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default=None, help="replaces the official unconditional prompt")
-    p.add_argument("--height", type=int, default=1024, help="px; a size the model makes (an error lists them)")
-    p.add_argument("--width", type=int, default=1024, help="px")
+    p.add_argument("--height", type=int, default=None,
+                   help="px; a size the model makes, an error lists them (default: 1024), or the init's with --init-*")
+    p.add_argument("--width", type=int, default=None, help="px (default: 1024), or the init's with --init-*")
     p.add_argument("--steps", type=int, default=50, help="diffusion-head steps per AR block")
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (1 or less: no guidance)")
     p.add_argument("--num-images", type=int, default=1, help="images in the batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     add_t2i_load_options(p)
+    continuation.add_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="check the size against the model and print the memory plan (config files and tokenizer only), "
                         "then stop without loading the weights")

@@ -8,6 +8,7 @@ With guidance > 1 the condition batch is [cond; uncond] and both halves share x.
 `predraw_noise` makes those draws up front, in the same order and shapes (so the same numbers), and
 a sampler given `noise=` takes them from there instead of the generator: that is how a CUDA graph
 of the whole loop (runtime/graphs.py) runs without drawing random numbers inside the graph.
+`skip_draws` makes them and drops them: a kept block of a continuation (pipelines/continuation.py).
 
 `generator` may also be a list of generators, one per group of equally many rows (several prompts
 in one batch): each draw is then each generator's share of the rows, drawn in turn and concatenated,
@@ -71,6 +72,14 @@ def predraw_noise(sampler: str, cond: torch.Tensor, cfg: float, steps: int, gene
     """[draws, *x_shape]: the sampler's draws, made one by one as it would make them."""
     shape = x_shape_of(cond, cfg, x_dim)
     return torch.stack([randn_rows(shape, generator, cond.device) for _ in range(noise_draws(sampler, steps))])
+
+
+def skip_draws(sampler: str, cond: torch.Tensor, cfg: float, steps: int, generator, x_dim: int = 32) -> None:
+    """Advances `generator` exactly as one sampler call on `cond` would (the same draws, unused): a
+    kept block of a continuation, whose head result would be thrown away."""
+    shape = x_shape_of(cond, cfg, x_dim)
+    for _ in range(noise_draws(sampler, steps)):
+        randn_rows(shape, generator, cond.device)  # per-prompt generators (a list) advance as they would
 
 
 class _Draws:

@@ -19,8 +19,9 @@ from ..errors import BitDanceError, require
 from ..formats.checkpoints import TensorSource, check_keys, load_pt, materialize, open_safetensors, source_from_state_dict
 from ..models.imagenet import ImageNetModel, KVCache, build_imagenet, first_step_mask
 from ..models.imagenet_config import ImageNetConfig, apply_overrides, config_beside, config_from_shapes, read_config_file
-from ..models.positions import blocks_to_raster
-from ..models.sampler import euler_maruyama
+from ..models.positions import blocks_to_raster, raster_to_blocks
+from ..models.sampler import euler_maruyama, skip_draws
+from . import continuation
 from .cpu_threads import generation_threads
 from .imagenet_classes import model_class_names, parse_classes
 from .tokenizers import tokenizer_source
@@ -58,6 +59,19 @@ class ImageNetPipeline:
         """ImageNet names for a 1000-class model; the class numbers "0", "1", ... otherwise."""
         return model_class_names(self.num_classes)
 
+    def block_grid(self) -> continuation.BlockGrid:
+        """The blocks of a generation (what a continuation's keep mask is made of): the latent
+        positions one AR step draws are a block (patch order) or a run of a raster row."""
+        c = self.config
+        lat, p, P = c.grid * c.patch_size, c.patch_size, c.parallel_num
+        if c.parallel_mode == "patch" or P == 1:
+            bh = bw = c.block_side * p
+        else:
+            require(c.grid % P == 0, f"{self.name}: its {P} tokens per step do not form rectangles of the "
+                                     f"{c.grid}x{c.grid} grid (parallel_mode 'standard'); continuing an image needs them to")
+            bh, bw = p, P * p
+        return continuation.BlockGrid(lat, lat, bh, bw, c.latent_dim, c.down_size)
+
     def guidance(self, cfg: float, schedule: str, step: int) -> float:
         if cfg <= 1.0:
             return 1.0
@@ -67,18 +81,24 @@ class ImageNetPipeline:
         return start + (cfg - start) * step / self.config.steps
 
     def generate(self, classes: Sequence[int | str] | int | str, steps: int = 100, cfg: float | None = None,
-                 cfg_schedule: str = "linear", seed: int = 0, callback: Callback | None = None) -> torch.Tensor:
+                 cfg_schedule: str = "linear", seed: int = 0, callback: Callback | None = None,
+                 init_bits: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """±1 bits [B, 32, 16, 16] (float32) for a batch of class labels (ids or names; id == num_classes
-        is the unconditional "null" class)."""
+        is the unconditional "null" class).
+
+        init_bits (±1 [1 or B, 32, 16, 16]) and keep (bool block mask, see block_grid, True = keep):
+        continue an image. Kept blocks are these bits, fed back as if sampled; the random draws are
+        those of an unforced run (pipelines/continuation.py). At an unguided step with null rows
+        (step 0 of "linear") the null rows keep their own samples, as in the unforced run."""
         labels = parse_classes(classes, self.num_classes, allow_null=True)
         eff = self.default_cfg if cfg is None else cfg
         guided = isinstance(eff, (int, float)) and eff > 1.0
         rows = len(labels) * (2 if guided else 1) * self.parallel_num
         with generation_threads(self.device, rows, max(self.config.dim, self.config.diff_dim)):  # small models: fewer threads
-            return self._generate(labels, steps, cfg, cfg_schedule, seed, callback)
+            return self._generate(labels, steps, cfg, cfg_schedule, seed, callback, init_bits, keep)
 
     @torch.no_grad()
-    def _generate(self, labels, steps, cfg, cfg_schedule, seed, callback) -> torch.Tensor:
+    def _generate(self, labels, steps, cfg, cfg_schedule, seed, callback, init_bits, keep) -> torch.Tensor:
         cfg = self.default_cfg if cfg is None else cfg
         require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
         require(isinstance(cfg, (int, float)) and cfg >= 0, f"cfg (guidance scale) must be a number >= 0, got {cfg}")
@@ -92,6 +112,7 @@ class ImageNetPipeline:
             y = torch.cat([y, torch.full_like(y, c.num_classes)])
         R = y.shape[0]
         gen = torch.Generator(device=dev).manual_seed(seed)
+        cont = continuation.prepare(self.block_grid(), init_bits, keep, B, self._to_tokens, dev)
         cache = KVCache(c, R, c.grid * c.grid + c.cls_token_num, m.dtype, dev)
         pos = m.pos_for_diff.weight
         net = m.head.net
@@ -108,18 +129,27 @@ class ImageNetPipeline:
             hidden = m.forward_tokens(x, cache, start, mask)[:, -P:] + pos[i * P:(i + 1) * P]
             if c.head_kind == "mlp":
                 hidden = hidden.reshape(-1, c.dim)
-            pred = euler_maruyama(net, hidden, self.guidance(cfg, cfg_schedule, i), steps, gen,
-                                  x_dim=c.token_dim, time_shift=c.time_shift)
-            last = torch.sign(pred).reshape(R, P, c.token_dim)
+            g = self.guidance(cfg, cfg_schedule, i)
+            own_null = R > B and g <= 1.0  # the step-0 quirk: the null rows get samples of their own
+            if cont is not None and cont.keeps_all(i) and not own_null:
+                # the head's draws without its compute: the seed means the same as without a mask
+                skip_draws("euler_maruyama", hidden, g, steps, gen, x_dim=c.token_dim)
+                last = torch.cat([cont.tokens[:, i]] * (R // B))
+            else:
+                pred = euler_maruyama(net, hidden, g, steps, gen, x_dim=c.token_dim, time_shift=c.time_shift)
+                last = torch.sign(pred).reshape(R, P, c.token_dim)
+                if cont is not None:
+                    kept = cont.force(i, last[:B])
+                    last = torch.cat([kept, last[B:]]) if own_null else torch.cat([kept] * (R // B))
             out.append(last[:B])
             if callback is not None:
-                callback(i, T, self._to_grid(out))
+                callback(i, T, self._to_grid(cont.preview(out) if cont is not None else out))
         return self._to_grid(out)
 
-    def _to_grid(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+    def _to_grid(self, blocks: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """Tokens in generation order (those not generated yet are 0) -> [B, latent_dim, H, W] float32."""
         c = self.config
-        done = torch.cat(blocks, dim=1).float()
+        done = (blocks if isinstance(blocks, torch.Tensor) else torch.cat(blocks, dim=1)).float()
         b, n, g = done.shape[0], c.grid * c.grid, c.grid
         if done.shape[1] < n:
             done = torch.cat([done, done.new_zeros(b, n - done.shape[1], done.shape[2])], dim=1)
@@ -128,6 +158,15 @@ class ImageNetPipeline:
         p = c.patch_size
         x = done.reshape(b, g, g, c.latent_dim, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, c.latent_dim, g * p, g * p)
+
+    def _to_tokens(self, bits: torch.Tensor) -> torch.Tensor:
+        """[B, latent_dim, H, W] -> tokens in generation order [B, N, token_dim] (the inverse of _to_grid)."""
+        c = self.config
+        if c.parallel_mode == "patch" and c.parallel_num > 1:
+            return raster_to_blocks(bits, c.block_side)
+        b, g, p = bits.shape[0], c.grid, c.patch_size
+        x = bits.reshape(b, c.latent_dim, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, g * g, c.token_dim)
 
     @torch.no_grad()
     def decode(self, bits: torch.Tensor, tile: int | None = None, chunk: int | None = None) -> torch.Tensor:

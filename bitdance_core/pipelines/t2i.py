@@ -16,10 +16,11 @@ import torch
 from ..errors import require
 from ..models.autoencoder import BinaryAutoencoder
 from ..models.head import DiffusionHead
-from ..models.positions import blocks_to_raster, sincos_2d_blocks
+from ..models.positions import blocks_to_raster, raster_to_blocks, sincos_2d_blocks
 from ..models.projector import Projector
 from ..models.qwen3 import KVCache, Qwen3Backbone
-from ..models.sampler import SAMPLERS
+from ..models.sampler import SAMPLERS, skip_draws
+from . import continuation
 from .cpu_threads import generation_threads
 from .prompts import PromptCodec, PromptTokens
 from .sizes import OFFICIAL_SIZES, SizeRule, max_res_token
@@ -49,6 +50,15 @@ class T2IPipeline:
         """The sizes this model offers (sizes.py): the official ones first where it makes them all."""
         return self.size_rule.sizes
 
+    def block_grid(self, height: int, width: int) -> continuation.BlockGrid:
+        """The blocks of a height x width generation (what a continuation's keep mask is made of)."""
+        self.check_size(height, width)
+        return self._grid(height // self.downsample, width // self.downsample)
+
+    def _grid(self, lat_h: int, lat_w: int) -> continuation.BlockGrid:
+        bs = self.block_side
+        return continuation.BlockGrid(lat_h, lat_w, bs, bs, self.latent_channels, self.downsample)
+
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptTokens:
         return self.codec.encode_prompt(prompt, negative_prompt)
 
@@ -62,24 +72,30 @@ class T2IPipeline:
     def generate(self, prompt: PromptTokens | str | list, height: int = 1024, width: int = 1024, steps: int = 50,
                  cfg: float = 7.5, num_images: int = 1, seed: int | list[int] = 0, negative_prompt: str | None = None,
                  sampler: str = "euler_maruyama", callback: Callback | None = None,
-                 batched_cfg: bool = True) -> torch.Tensor:
+                 batched_cfg: bool = True, init_bits: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """Returns the ±1 bit-tensor [num_images, C, H/16, W/16] (float32).
 
         Several prompts in one batch: `prompt` a list and `seed` a list of as many seeds; returns
         [len(prompts) * num_images, ...], prompt by prompt. Each prompt draws its noise from its own
         generator, exactly as it would alone (sampler.randn_rows); its rows share the backbone and
-        head passes with the others, which can round differently from a batch of its own."""
+        head passes with the others, which can round differently from a batch of its own.
+
+        init_bits (±1 [1 or num_images, C, H/16, W/16]) and keep (bool block mask [H/16/bs, W/16/bs] or
+        one per image, True = keep; see block_grid): continue an image (one prompt). Kept blocks are
+        these bits, fed to the backbone as if sampled; the others are sampled; the random draws are
+        those of an unforced run (pipelines/continuation.py)."""
         guided = isinstance(cfg, (int, float)) and cfg > 1.0
         n_prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
         rows = self.parallel_num * (num_images if isinstance(num_images, int) else 1) * n_prompts * (2 if guided else 1)
         width_of_ops = max(self.backbone.config.hidden_size, self.head.config.ch_latent)
         with generation_threads(self.device, rows, width_of_ops):  # small models: fewer CPU threads
             return self._generate(prompt, height, width, steps, cfg, num_images, seed, negative_prompt, sampler,
-                                  callback, batched_cfg)
+                                  callback, batched_cfg, init_bits, keep)
 
     @torch.no_grad()
     def _generate(self, prompt, height, width, steps, cfg, num_images, seed, negative_prompt, sampler, callback,
-                  batched_cfg) -> torch.Tensor:
+                  batched_cfg, init_bits, keep) -> torch.Tensor:
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
         require(len(prompts) >= 1 and len(seeds) == len(prompts),
@@ -97,6 +113,10 @@ class T2IPipeline:
         guided = cfg > 1.0
         gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
         gen = gens[0] if len(gens) == 1 else gens
+        require((init_bits is None and keep is None) or len(prompts) == 1,
+                "continuing an image (init_bits, keep) takes one prompt")
+        cont = continuation.prepare(self._grid(lat_h, lat_w), init_bits, keep, B,
+                                    lambda bits: raster_to_blocks(bits, self.block_side), dev)
 
         prefix = self.codec.image_prefix(lat_h, lat_w, P)
         cond_rows = [list(p.cond_ids) + prefix for p in prompts for _ in range(B)]
@@ -114,11 +134,19 @@ class T2IPipeline:
         out_blocks = []
         for s in range(n_blocks):
             pe = pos_table[s * P:(s + 1) * P]
-            pred = sample(self.head.net, hidden.to(torch.float32) + pe, cfg, steps, gen, x_dim=self.latent_channels, **extra)
-            bits = torch.sign(pred)
+            cond = hidden.to(torch.float32) + pe
+            if cont is not None and cont.keeps_all(s):
+                # the head's draws without its compute: the seed means the same as without a mask
+                skip_draws(sampler, cond, cfg, steps, gen, x_dim=self.latent_channels)
+                bits = torch.cat([cont.tokens[:, s]] * (2 if guided else 1))
+            else:
+                pred = sample(self.head.net, cond, cfg, steps, gen, x_dim=self.latent_channels, **extra)
+                bits = torch.sign(pred)  # with guidance [cond; uncond] rows, the same bits twice
+                if cont is not None:
+                    bits = torch.cat([cont.force(s, bits[:n_out])] * (2 if guided else 1))
             out_blocks.append(bits[:n_out])
             if callback is not None:
-                callback(s, n_blocks, self._partial(out_blocks, lat_h, lat_w))
+                callback(s, n_blocks, self._partial(out_blocks, lat_h, lat_w, cont))
             if s == n_blocks - 1:
                 break  # the backbone pass after the last block would be unused
             inp = self.projector(bits).to(torch.float32) + pe
@@ -130,7 +158,10 @@ class T2IPipeline:
         tokens = torch.cat(out_blocks, dim=1)
         return blocks_to_raster(tokens, lat_h, lat_w, self.block_side).float()
 
-    def _partial(self, blocks, lat_h, lat_w) -> torch.Tensor:
+    def _partial(self, blocks, lat_h, lat_w, cont=None) -> torch.Tensor:
+        """The bits so far [B, C, h, w]: blocks not drawn yet are 0, except kept ones (already known)."""
+        if cont is not None:
+            return blocks_to_raster(cont.preview(blocks), lat_h, lat_w, self.block_side)
         done = torch.cat(blocks, dim=1)
         full = torch.zeros(done.shape[0], lat_h * lat_w, done.shape[2], dtype=torch.float32, device=done.device)
         full[:, :done.shape[1]] = done

@@ -76,6 +76,9 @@ async function waitForInfo(page, comfyClass) {
 // left to right) and the width of each card's thumbnail (0: none; the frontend shows its own
 // placeholder when NAME.jpg is missing).
 async function templateCards(page, pack, names) {
+  // tall enough for every card at once: the browser loads a thumbnail only once its card is in view
+  const viewport = page.viewportSize();
+  await page.setViewportSize({ width: viewport.width, height: Math.max(viewport.height, 400 * Math.ceil(names.length / 4) + 600) });
   await page.evaluate(async () => { await window.app.extensionManager.command.execute("Comfy.BrowseTemplates"); });
   await page.getByText(pack, { exact: true }).first().click({ timeout: 30000 });
   // the cards once every one is there with its thumbnail loaded (falsy until then; a missing
@@ -100,6 +103,7 @@ async function templateCards(page, pack, names) {
   const cards = await handle.jsonValue();
   await page.keyboard.press("Escape");
   await page.waitForTimeout(300);
+  await page.setViewportSize(viewport);
   return cards.map(({ name, width }) => ({ name, width }));
 }
 
@@ -231,6 +235,17 @@ try {
       await new Promise((r) => setTimeout(r, 300));
       out.after_typing = { preset: w("preset").value, status: n.bitdance.status };
       out.preset_in_prompt = "preset" in (await window.app.graphToPrompt()).output[String(n.id)].inputs;
+      // a LATENT on "init": the status says the init's size is used; taken away again before queueing
+      const src = window.LiteGraph.createNode("EmptyLatentImage");
+      window.app.graph.add(src);
+      src.connect(0, n, n.findInputSlot("init"));
+      window.app.graph.setDirtyCanvas(true, true);
+      await new Promise((r) => setTimeout(r, 300));
+      out.with_init = n.bitdance.status;
+      window.app.graph.remove(src);
+      window.app.graph.setDirtyCanvas(true, true);
+      await new Promise((r) => setTimeout(r, 300));
+      out.after_init_removed = n.bitdance.status;
       return out;
     });
 

@@ -18,8 +18,9 @@ TEST_WORKFLOWS = os.path.join(REPO, "tests", "workflows")
 FIXTURES = os.path.join(os.path.dirname(REPO), "shared", "fixtures")
 # Every UniWeTok fixture (the public uniwetok-tiny and any others beside it); conftest places each in models/bitdance/
 UNIWETOK = sorted(d for d in (os.listdir(FIXTURES) if os.path.isdir(FIXTURES) else []) if d.startswith("uniwetok"))
-NODE_IDS = ["BitDanceModelLoader", "BitDanceSplitModelLoader", "BitDanceTextEncode", "BitDanceARSampler", "BitDanceTokenizerLoader",
-            "BitDanceDecode", "BitDanceEncode", "BitDanceImageNetLoader", "BitDanceImageNetSampler"]
+NODE_IDS = ["BitDanceModelLoader", "BitDanceSplitModelLoader", "BitDanceTextEncode", "BitDanceARSampler",
+            "BitDanceTokenizerLoader", "BitDanceDecode", "BitDanceEncode", "BitDanceExtendCanvas", "BitDanceImageNetLoader",
+            "BitDanceImageNetSampler"]
 
 
 def load(path: str) -> dict:

@@ -152,6 +152,8 @@ def test_browser(comfy, upload_example, tmp_path):
     split = out["split_web"]
     assert split["parallel_num"] == 16 and split["presets"] == web["presets"]
     assert split["status"] == "16 AR steps · 16 tokens per step"
+    assert web["with_init"] == "continues init: its size (width/height unused)"
+    assert web["after_init_removed"] == web["after_typing"]["status"]
     assert out["output"]["width"] == 256 and out["output"]["height"] == 256 and "/view?" in out["output"]["src"]
     assert out["new_prompts"] == 1
     assert os.path.getsize(shot) > 10_000

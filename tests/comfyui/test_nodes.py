@@ -27,17 +27,20 @@ EXPECTED = {
                            ["BITDANCE_CONDITIONING"]),
     "BitDanceARSampler": ({"model": "BITDANCE_MODEL", "positive": "BITDANCE_CONDITIONING",
                            "negative": "BITDANCE_CONDITIONING", "width": "INT", "height": "INT", "steps": "INT",
-                           "cfg": "FLOAT", "seed": "INT", "batch_size": "INT", "sampler": "COMBO"}, ["LATENT"]),
+                           "cfg": "FLOAT", "seed": "INT", "batch_size": "INT", "sampler": "COMBO", "init": "LATENT"},
+                          ["LATENT"]),
     "BitDanceTokenizerLoader": ({"tokenizer": "COMBO", "dtype": "COMBO"}, ["BITDANCE_TOKENIZER"]),
     "BitDanceDecode": ({"tokenizer": "BITDANCE_TOKENIZER", "bits": "LATENT", "gan_seed": "INT", "images_at_once": "INT",
                         "tile": "INT"},
                        ["IMAGE"]),
     "BitDanceEncode": ({"tokenizer": "BITDANCE_TOKENIZER", "image": "IMAGE"}, ["LATENT"]),
+    "BitDanceExtendCanvas": ({"tokenizer": "BITDANCE_TOKENIZER", "bits": "LATENT", "side": "COMBO", "pixels": "INT"},
+                             ["LATENT"]),
     "BitDanceImageNetLoader": ({"checkpoint": "COMBO", "vae": "COMBO", "dtype": "COMBO"},
                                ["BITDANCE_IMAGENET_MODEL", "BITDANCE_TOKENIZER"]),
     "BitDanceImageNetSampler": ({"model": "BITDANCE_IMAGENET_MODEL", "class_name": "COMBO", "class_index": "INT",
                                  "steps": "INT", "cfg": "FLOAT", "cfg_schedule": "COMBO", "seed": "INT",
-                                 "batch_size": "INT"}, ["LATENT"]),
+                                 "batch_size": "INT", "init": "LATENT"}, ["LATENT"]),
 }
 
 
