@@ -204,7 +204,8 @@ def static_attention(attn, x, cos, sin, k_cache, v_cache, slots, key_mask):
     q, k, v = attn.qkv(x, cos, sin)
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-    out = grouped_query_attention(q, k_cache, v_cache, key_mask, attn.cfg.head_dim ** -0.5)
+    out = grouped_query_attention(q, k_cache, v_cache, key_mask, attn.cfg.head_dim ** -0.5, attn.sdpa_backends,
+                                  attn.gqa == "native")
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -374,24 +375,46 @@ def enable_graphs(pipe, head: bool = True, sampler: bool = True, backbone: bool 
     return acc
 
 
-def enable_compile(pipe, mode: str = "max-autotune-no-cudagraphs", force: bool = False) -> bool:
-    """torch.compile the head network and each backbone layer (GPU only unless force=True).
-    Returns whether anything was compiled."""
+COMPILE_PARTS = ("head", "layers", "step")
+HEAD_FORWARDS = ("forward", "forward_embedded")  # the head's entries: a whole call, a call from cached embeddings
+
+
+def compile_parts(pipe, mode: str = "max-autotune-no-cudagraphs", parts=COMPILE_PARTS) -> list[str]:
+    """torch.compile the given parts: "head" (the head network's forwards, static shapes), "layers"
+    (each backbone layer's forward, dynamic shapes: the prefill and eager block steps) and "step"
+    (the static block step of a GraphedBackbone; without one the block steps go through the layers,
+    which are compiled instead). Returns what was compiled."""
+    done = []
+    if "head" in parts:
+        net = pipe.head.net.inner if isinstance(pipe.head.net, GraphedModule) else pipe.head.net
+        for name in HEAD_FORWARDS:
+            if hasattr(type(net), name):
+                setattr(net, name, torch.compile(getattr(net, name), mode=mode, dynamic=False))
+        done.append("head")
+    static = isinstance(pipe.backbone, GraphedBackbone)
+    if "layers" in parts or ("step" in parts and not static):
+        for layer in pipe.backbone.model.layers:
+            layer.forward = torch.compile(layer.forward, mode=mode, dynamic=True)
+        done.append("layers")
+    if "step" in parts and static:  # its block step does not go through layer.forward
+        pipe.backbone.step_fn = torch.compile(static_step, mode=mode, dynamic=False)
+        done.append("step")
+    return done
+
+
+def enable_compile(pipe, mode: str = "max-autotune-no-cudagraphs", force: bool = False, parts=COMPILE_PARTS) -> bool:
+    """torch.compile the head network and each backbone layer (GPU only unless force=True); see
+    `compile_parts`. Returns whether anything was compiled."""
     if torch.device(pipe.device).type != "cuda" and not force:
         return False
-    net = pipe.head.net.inner if isinstance(pipe.head.net, GraphedModule) else pipe.head.net
-    net.forward = torch.compile(net.forward, mode=mode, dynamic=False)
-    for layer in pipe.backbone.model.layers:
-        layer.forward = torch.compile(layer.forward, mode=mode, dynamic=True)
-    if isinstance(pipe.backbone, GraphedBackbone):  # its block step does not go through layer.forward
-        pipe.backbone.step_fn = torch.compile(static_step, mode=mode, dynamic=False)
-    return True
+    return bool(compile_parts(pipe, mode, parts))
 
 
 def disable_compile(pipe) -> None:
     """Undo `enable_compile`: the plain forwards back (the static block step goes with its graphs)."""
     net = pipe.head.net.inner if isinstance(pipe.head.net, GraphedModule) else pipe.head.net
-    net.__dict__.pop("forward", None)
+    for name in HEAD_FORWARDS:
+        net.__dict__.pop(name, None)
     for layer in pipe.backbone.model.layers:
         layer.__dict__.pop("forward", None)
     if isinstance(pipe.backbone, GraphedBackbone):
