@@ -210,15 +210,41 @@ def static_attention(attn, x, cos, sin, k_cache, v_cache, slots, key_mask):
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
-def static_step(backbone, x, cos, sin, cache, slots, key_mask):
+def static_layer(layer, x, cos, sin, k_cache, v_cache, slots, key_mask):
+    """One decoder layer of the static block step."""
+    x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, k_cache, v_cache, slots, key_mask)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def static_step(backbone, x, cos, sin, cache, slots, key_mask, layer_step=static_layer):
     """The backbone forward of one block with static shapes (see `static_attention`); cos/sin are
     the RoPE tables of the block's positions (`qwen3.rope_tables`, made outside a capture: it
-    builds its frequencies on the host)."""
+    builds its frequencies on the host). layer_step: `static_layer` or a compiled one."""
     x = x.to(backbone.dtype)
     for i, layer in enumerate(backbone.model.layers):
-        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache.k[i], cache.v[i], slots, key_mask)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer_step(layer, x, cos, sin, cache.k[i], cache.v[i], slots, key_mask)
     return backbone.model.norm(x)
+
+
+class CompiledStep:
+    """The static step with `static_layer` compiled once for every layer (regional compilation:
+    the layers are alike, so one compilation serves all 40; the layer's weights are its inputs).
+    The cache length is marked dynamic, so one compilation also serves every image size; a new
+    batch size (rows) compiles again."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.layer = torch.compile(static_layer, mode=mode, dynamic=False)
+
+    def _layer(self, layer, x, cos, sin, k_cache, v_cache, slots, key_mask):
+        import torch._dynamo
+
+        for t, dim in ((k_cache, 2), (v_cache, 2), (key_mask, 3)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        return self.layer(layer, x, cos, sin, k_cache, v_cache, slots, key_mask)
+
+    def __call__(self, backbone, x, cos, sin, cache, slots, key_mask):
+        return static_step(backbone, x, cos, sin, cache, slots, key_mask, layer_step=self._layer)
 
 
 class GraphedBackbone(nn.Module):
@@ -383,8 +409,8 @@ HEAD_FORWARDS = ("forward", "forward_embedded")  # the head's entries: a whole c
 def compile_parts(pipe, mode: str = "max-autotune-no-cudagraphs", parts=COMPILE_PARTS) -> list[str]:
     """torch.compile the given parts: "head" (the head network's forwards, static shapes), "layers"
     (each backbone layer's forward, dynamic shapes: the prefill and eager block steps) and "step"
-    (the static block step of a GraphedBackbone; without one the block steps go through the layers,
-    which are compiled instead). Returns what was compiled."""
+    (the static block step of a GraphedBackbone, one layer compiled for all: `CompiledStep`; without
+    one the block steps go through the layers, which are compiled instead). Returns what was compiled."""
     done = []
     if "head" in parts:
         net = pipe.head.net.inner if isinstance(pipe.head.net, GraphedModule) else pipe.head.net
@@ -398,7 +424,7 @@ def compile_parts(pipe, mode: str = "max-autotune-no-cudagraphs", parts=COMPILE_
             layer.forward = torch.compile(layer.forward, mode=mode, dynamic=True)
         done.append("layers")
     if "step" in parts and static:  # its block step does not go through layer.forward
-        pipe.backbone.step_fn = torch.compile(static_step, mode=mode, dynamic=False)
+        pipe.backbone.step_fn = CompiledStep(mode)
         done.append("step")
     return done
 
