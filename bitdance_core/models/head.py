@@ -196,8 +196,10 @@ class HeadNet(nn.Module):
     def embed_cond(self, c):
         return self.cond_embed(c.to(self.input_proj.weight.dtype))
 
-    def forward(self, x, t, c):
-        return self.forward_embedded(x, self.embed_time(t), self.embed_cond(c))
+    def forward(self, x, t, c, temb=None, cemb=None):
+        """temb, cemb: `embed_time(t)` and `embed_cond(c)` when already made (the step cache)."""
+        return self.forward_embedded(x, self.embed_time(t) if temb is None else temb,
+                                     self.embed_cond(c) if cemb is None else cemb)
 
     def forward_embedded(self, x, temb, cemb):
         """The forward from the time and condition embeddings (`embed_time`, `embed_cond`)."""
@@ -246,11 +248,15 @@ def _capturing(device) -> bool:
 class CachedCall:
     """A HeadNet for the steps of one sampler call: cond_embed(cond) made once; the time embedding
     of the i-th call taken from the net's StepTimeCache (made and kept at its first use, never while
-    a CUDA graph is being captured: a captured kernel has not run yet). Calls with another condition
-    than the one given run the whole net."""
+    a CUDA graph is being captured: a captured kernel has not run yet). Every step still goes
+    through the net's __call__ (its hooks run as before: stage offload brings the weights in from
+    the net's forward pre-hook), which are also run once before the condition is embedded. Calls
+    with another condition than the one given run the whole net."""
 
     def __init__(self, net: HeadNet, cond, schedule: tuple):
         self.net, self.cond, self.i = net, cond, 0
+        for key, hook in list(net._forward_pre_hooks.items()):  # the weights where the net's first call would find them
+            hook(net, (cond,), {}) if key in net._forward_pre_hooks_with_kwargs else hook(net, (cond,))
         self.cond_emb = net.embed_cond(cond)
         key = (schedule, cond.shape[0], str(cond.device))
         self.times = net._time_cache.entries(net, key)
@@ -265,7 +271,7 @@ class CachedCall:
             if self.i == len(self.times) and not _capturing(t.device):
                 self.times.append(temb)
         self.i += 1
-        return self.net.forward_embedded(x, temb, self.cond_emb)
+        return self.net(x, t, c, temb=temb, cemb=self.cond_emb)
 
 
 class DiffusionHead(nn.Module):

@@ -403,7 +403,7 @@ def enable_graphs(pipe, head: bool = True, sampler: bool = True, backbone: bool 
 
 
 COMPILE_PARTS = ("head", "layers", "step")
-HEAD_FORWARDS = ("forward", "forward_embedded")  # the head's entries: a whole call, a call from cached embeddings
+HEAD_FORWARDS = ("forward",)  # the head network's entry (a whole call, or one from the step cache's embeddings)
 
 
 def compile_parts(pipe, mode: str = "max-autotune-no-cudagraphs", parts=COMPILE_PARTS) -> list[str]:
