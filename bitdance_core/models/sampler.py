@@ -73,14 +73,6 @@ def predraw_noise(sampler: str, cond: torch.Tensor, cfg: float, steps: int, gene
     return torch.stack([randn_rows(shape, generator, cond.device) for _ in range(noise_draws(sampler, steps))])
 
 
-def per_call(net, cond: torch.Tensor, schedule: tuple):
-    """`net` as one sampler call on `cond` uses it: a net that keeps what does not change across the
-    call's steps (models/head.py, HeadNet.for_call: the same operations, the same bits), or `net`.
-    `schedule` is everything that fixes the call's sequence of times."""
-    bind = getattr(net, "for_call", None)
-    return net if bind is None else bind(cond, schedule)
-
-
 class _Draws:
     """The sampler's source of noise: the generator, or a pre-drawn tensor read in order."""
 
@@ -93,6 +85,14 @@ class _Draws:
         out = self.noise[self.i]
         self.i += 1
         return out
+
+
+def per_call(net, cond: torch.Tensor, schedule: tuple):
+    """`net` as one sampler call on `cond` uses it: a net that keeps what does not change across the
+    call's steps (models/head.py, HeadNet.for_call: the same operations, the same bits), or `net`.
+    `schedule` is everything that fixes the call's sequence of times."""
+    bind = getattr(net, "for_call", None)
+    return net if bind is None else bind(cond, schedule)
 
 
 def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int,
