@@ -138,6 +138,15 @@ def test_step_cache_follows_the_weights_and_the_static_step():
     acc.remove()
 
 
+def test_step_cache_with_inference_tensors():
+    """ComfyUI builds and runs models under torch.inference_mode: weights without version counters."""
+    with torch.inference_mode():
+        pipe = build_random_t2i(SHAPE, seed=9)
+        on = _bits(pipe)
+    pipe.head.net.step_cache = False
+    assert torch.equal(_bits(pipe), on)
+
+
 def test_imagenet_heads_keep_their_bits_with_the_step_cache():
     """The class-conditional models sample through the same sampler (guidance varying per block)."""
     import bitdance_core as bd

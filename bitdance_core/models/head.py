@@ -232,9 +232,11 @@ class StepTimeCache:
         self.grids: dict = {}
 
     def entries(self, net: "HeadNet", key) -> list:
-        # what the embedding is made with: the weights (where, what, changed in place) and how each module
-        # computes (its kind, an fp8 linear's matmul path, a forward replaced by a compiled one)
-        weights = tuple((p.data_ptr(), p.dtype, p._version) for p in net.time_embed.parameters()) + tuple(
+        # what the embedding is made with: the weights (where, what, changed in place: inference tensors,
+        # as ComfyUI makes them, keep no version counter) and how each module computes (its kind, an fp8
+        # linear's matmul path, a forward replaced by a compiled one)
+        weights = tuple((p.data_ptr(), p.dtype, None if p.is_inference() else p._version)
+                        for p in net.time_embed.parameters()) + tuple(
             (type(m).__name__, getattr(m, "matmul", None), id(m.__dict__.get("forward"))) for m in net.time_embed.modules())
         if weights != self.weights:
             self.weights, self.grids = weights, {}
