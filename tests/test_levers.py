@@ -78,7 +78,7 @@ def test_fused_projections_same_values_same_keys_and_undo(weights):
     assert torch.equal(bb(x, pos), y0) and torch.equal(_bits(pipe), bits0)
 
 
-def test_fusion_leaves_mixed_parts_alone_and_refuses_a_streamed_backbone():
+def test_fusion_leaves_mixed_parts_alone_and_refuses_an_offloaded_backbone():
     from bitdance_core.runtime.offload import apply_offload
 
     small = custom_shape("tiny", layers=2, hidden=64, heads=4, kv_heads=2)  # k/v 32 wide: left in bf16 by fp8
@@ -86,11 +86,12 @@ def test_fusion_leaves_mixed_parts_alone_and_refuses_a_streamed_backbone():
     report = fuse_projections(pipe.backbone)
     assert report.fused == 2 and set(report.skipped) == {"layers.0.self_attn", "layers.1.self_attn"}
     assert report.as_dict()["reasons"] == ["parts of different kinds (Fp8Linear, Linear)"]
-    streamed = build_random_t2i(small, seed=1)
-    off = apply_offload(streamed, "stream", "cpu", resident_layers=1)
-    with pytest.raises(BitDanceError, match="fuse the projections before offloading"):
-        fuse_projections(streamed.backbone)
-    off.remove()
+    for mode, kw in (("stream", {"resident_layers": 1}), ("stage", {})):
+        offloaded = build_random_t2i(small, seed=1)
+        off = apply_offload(offloaded, mode, "cpu", **kw)
+        with pytest.raises(BitDanceError, match="fuse the projections before offloading"):
+            fuse_projections(offloaded.backbone)
+        off.remove()
 
 
 def _count_calls(module):

@@ -14,8 +14,8 @@ differ (another shape), hence the same values up to rounding, not bit for bit.
 - Keys: the parent's state_dict() still names the parts (the fused tensors split back into views)
   and load_state_dict() takes the parts' keys (concatenated on the way in), so files and loaders
   never see the fused names. Loading by assignment (formats.checkpoints.assign) happens before fusing.
-- Offloading: stage offload moves whole modules and works either way; layer streaming packs the
-  layers' tensors into host copies, so a streamed backbone is refused (fuse before offloading).
+- Offloading keeps its own references to the weights (stage offload per group, layer streaming in
+  host copies per layer): fuse before offloading; a backbone with offload hooks is refused.
 """
 from __future__ import annotations
 
@@ -177,16 +177,18 @@ class FuseReport:
         return {"fused": self.fused, "skipped": len(self.skipped), "reasons": reasons}
 
 
-def _check_no_streaming(backbone: nn.Module) -> None:
-    for name, m in backbone.model.layers.named_modules():
+def _check_no_offload(backbone: nn.Module) -> None:
+    """Offloading keeps its own references to the weights (stage: per group, streaming: host copies
+    per layer) and reaches them from forward hooks: fusing under it would leave it with the old ones."""
+    for name, m in backbone.named_modules():
         if m._forward_pre_hooks or m._forward_hooks:
-            raise BitDanceError(f"fused projections: backbone layer module '{name or 'layers'}' has forward hooks (layer "
-                                "streaming?): fuse the projections before offloading")
+            raise BitDanceError(f"fused projections: backbone module '{name or '(root)'}' has forward hooks (offloading?): "
+                                "fuse the projections before offloading")
 
 
 def fuse_projections(backbone: nn.Module) -> FuseReport:
     """Qwen3's q/k/v and gate/up projections fused in every decoder layer, one layer at a time."""
-    _check_no_streaming(backbone)
+    _check_no_offload(backbone)
     report = FuseReport()
     for i, layer in enumerate(backbone.model.layers):
         for sub, names, fused_name in QWEN3_GROUPS:
@@ -200,7 +202,7 @@ def fuse_projections(backbone: nn.Module) -> FuseReport:
 
 def unfuse_projections(backbone: nn.Module) -> int:
     """Undo `fuse_projections`; returns how many groups were split back."""
-    _check_no_streaming(backbone)
+    _check_no_offload(backbone)
     n = 0
     for layer in backbone.model.layers:
         for sub, _names, fused_name in QWEN3_GROUPS:
