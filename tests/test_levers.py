@@ -278,3 +278,25 @@ def test_best_combination_from_a_sweep(tmp_path):
     assert (lv.compile, lv.compile_mode, lv.fuse, lv.sdpa, lv.gemm) == ("loop", "max-autotune-no-cudagraphs", True, "cudnn", "default")
     (tmp_path / "levers.jsonl").write_text(json.dumps(rec("as-is", 2.0)) + "\n" + json.dumps(rec("as-is+fuse", 1.99)) + "\n")
     assert _summary_module().best_levers(str(tmp_path)) == ""
+
+
+def test_bench_flags_and_profile(tmp_path):
+    """bench's lever flags (on top of --levers) reach the run; --profile-out writes the kernel profile."""
+    from bitdance_core.cli.bench import BenchConfig, config_from_args, format_report, run_bench
+    from bitdance_core.cli.main import build_parser
+
+    a = build_parser().parse_args(["bench", "--shape", "tiny", "--levers", "sdpa=math+gemm=cublaslt", "--fuse-projections",
+                                   "--compile", "head", "--compile-mode", "default", "--step-cache", "off",
+                                   "--profile-out", str(tmp_path / "p.json"), "--profile-only"])
+    cfg = config_from_args(a)
+    assert cfg.levers == Levers(compile="head", compile_mode="default", fuse=True, gemm="cublaslt", sdpa="math",
+                                step_cache=False) and cfg.compile and cfg.profile_only
+    assert config_from_args(build_parser().parse_args(["bench", "--compile"])).levers.compile == "all"
+    shape = custom_shape("tiny", layers=2, hidden=64, heads=4, kv_heads=2, height=128, width=128, steps=2)
+    r = run_bench(BenchConfig(shape=shape, levers=Levers.parse("fuse+sdpa=math"), naive=False, warmup=0,
+                              profile_out=str(tmp_path / "p.json"), extra={"shape_name": "custom"}))
+    assert r["levers"] == "fuse+sdpa=math" and r["levers_report"]["fuse"]["fused"] == 4 and r["fast"]["s_per_image"] > 0
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["levers"] == "fuse+sdpa=math" and p["head_passes"] == 3
+    assert set(p["modes"]["eager"]) >= {"head_pass", "backbone_step"}
+    assert "eager head pass" in format_report(r) and "profile written to" in format_report(r)
