@@ -55,7 +55,7 @@ def test_sweep_variants_and_runs_parsing():
     assert [v.name for v in parse_variants("as-is,fp8:weight_only_compiled+compile")] == ["as-is", "fp8:weight_only_compiled+compile"]
     for bad, msg in (("fp8:fast", "fp8 matmul 'fast' unknown"), ("fp8:scaled_mm,as-is", "as-is variants must come before"),
                      ("int4", "weights must be as-is or fp8"), ("as-is:dequant", "as-is weights take no matmul"),
-                     ("fp8+graphs", "only '\\+compile'")):
+                     ("fp8+graphs", "lever 'graphs' unknown")):
         with pytest.raises(BitDanceError, match=msg):
             parse_variants(bad)
     s = SHAPES["14b-64x"]

@@ -12,7 +12,13 @@ allocations are capped at N GiB (`cap_device_memory`) and the planner sees at mo
 the CPU a cap is simulated (planned as for a GPU with N GiB free, run on the CPU). The JSON then
 carries the decision, the measured peak (allocated and reserved) and the planner's figure.
 
-`bench-sweep` (cli/bench_sweep.py) times several weight/matmul variants on the same weights.
+`bench-sweep` (cli/bench_sweep.py) times several weight/matmul/lever variants on the same random weights.
+
+The speed levers (runtime/levers.py: --compile [TARGET], --compile-mode, --fuse-projections,
+--gemm, --sdpa-backend, --gqa, --step-cache, or all at once as --levers SPEC) apply to the fast
+mode; the naive mode keeps them except compilation. `--profile-out FILE` writes where each
+millisecond of a head pass and of a backbone step goes (cli/kernel_profile.py); with
+`--profile-only` nothing else is timed.
 
 Stage times come from hooks on the backbone (a call at start 0 is a prefill, later calls are
 block steps); "head per block" is the rest of the generation loop divided by the blocks (the
@@ -27,11 +33,12 @@ import json
 import platform
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import BitDanceError, require
+from ..runtime.levers import Levers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT = "A red fox sitting in a snowy forest at sunrise, photographed with a telephoto lens"
@@ -158,12 +165,18 @@ class BenchConfig:
     threads: int | None = None
     weights: str = "as-is"  # as-is | fp8 | 4bit | auto (planned): runtime.WEIGHTS_CHOICES
     memory_cap_bytes: int | None = None
+    levers: Levers = field(default_factory=Levers)  # runtime/levers.py; compile=True means levers.compile "all"
+    profile_out: str | None = None  # write the kernel profile (cli/kernel_profile.py) here
+    profile_only: bool = False  # the profile's own generation is the only one (no warm-up, no timed runs)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.fp8:
             self.weights = "fp8"
         self.fp8 = self.weights == "fp8"
+        if self.compile and self.levers.compile == "off":
+            self.levers = replace(self.levers, compile="all")
+        self.compile = self.levers.compile != "off"
 
     @property
     def planned(self) -> bool:
@@ -271,7 +284,8 @@ def _peaks(dev) -> dict:
 
 def run_bench(cfg: BenchConfig) -> dict:
     from ..formats.fp8 import matmul_report
-    from ..runtime.graphs import cuda_graphs_available, enable_compile, enable_graphs
+    from ..runtime.graphs import HEAD_FORWARDS, cuda_graphs_available, enable_graphs
+    from ..runtime.levers import apply_levers
     from ..runtime.planner import estimate_pipeline, measure_peak
 
     dev = _setup(cfg)
@@ -298,38 +312,33 @@ def run_bench(cfg: BenchConfig) -> dict:
                              prompt=PROMPT, budget_bytes=cfg.budget_bytes,
                              **({"resident_layers": cfg.resident_layers} if cfg.offload == "stream" else {}))
 
-    def fast_on():
-        acc = enable_graphs(pipe) if use_graphs else None
-        if cfg.compile:
-            enable_compile(pipe, force=True)
-        return acc
-
     results = {"fast": [], "naive": []}
     peaks = {}
-    acc = fast_on()
-    compiled = {}
-    if cfg.compile:  # the compiled forwards, to take out for the naive runs and put back
-        compiled = {m: m.__dict__["forward"] for m in [_bare(pipe.head.net)] + list(pipe.backbone.model.layers)
-                    if "forward" in m.__dict__}
+    acc = enable_graphs(pipe) if use_graphs else None
+    applied = apply_levers(pipe, cfg.levers, force_compile=True)
+    # the compiled forwards, to take out for the naive runs and put back
+    compiled = {(m, name): m.__dict__[name] for m, names in [(_bare(pipe.head.net), HEAD_FORWARDS)] +
+                [(layer, ("forward",)) for layer in pipe.backbone.model.layers] for name in names if name in m.__dict__}
 
     def set_mode(mode):
         fast = mode == "fast"
         if acc is not None:
             acc.resume() if fast else acc.suspend()
-        for m, f in compiled.items():
+        for (m, name), f in compiled.items():
             if fast:
-                m.forward = f
+                setattr(m, name, f)
             else:
-                m.__dict__.pop("forward", None)
+                m.__dict__.pop(name, None)
 
-    order = ["fast", "naive"] if cfg.naive else ["fast"]
+    order = ["fast", "naive"] if cfg.naive and not cfg.profile_only else ["fast"]
     error = None
+    profile = None
     try:
-        for mode in order:
+        for mode in order if not cfg.profile_only else []:
             set_mode(mode)
             for _ in range(warmup):
                 time_generation(pipe, *_warmup_args(args, cfg, dev), batched_cfg=mode == "fast", decode=cfg.decode)
-        for r in range(cfg.repeat):  # interleaved, so a change in the machine's load hits both modes
+        for r in range(cfg.repeat if not cfg.profile_only else 0):  # interleaved: a change in load hits both modes
             for mode in order:
                 set_mode(mode)
                 if dev.type == "cuda":
@@ -341,6 +350,9 @@ def run_bench(cfg: BenchConfig) -> dict:
                     got = _peaks(dev)
                     old = peaks.get(mode, {"allocated": 0, "reserved": 0})
                     peaks[mode] = {k: max(old[k], got[k]) for k in got}
+        if cfg.profile_out:
+            set_mode("fast")
+            profile = _write_profile(pipe, cfg, args)
     except torch.cuda.OutOfMemoryError as e:  # under a cap: report what was planned and how far it got
         if cfg.memory_cap_bytes is None:
             raise
@@ -370,7 +382,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "weights": cfg.weights, "q4": cfg.weights == "4bit",
         "fp8_matmul": cfg.fp8_matmul if cfg.weights != "as-is" else None, "offload": cfg.offload,
         "resident_layers": cfg.resident_layers if cfg.offload == "stream" else None, "graphs": use_graphs,
-        "compile": cfg.compile, "decode": cfg.decode, "torch": torch.__version__, "build_s": build_s,
+        "compile": cfg.compile, "levers": cfg.levers.spec() or "baseline", "levers_report": applied.report,
+        "decode": cfg.decode, "torch": torch.__version__, "build_s": build_s,
         "fast": fast.to_json() if fast else None, "fast_runs_s": [r.total_s for r in results["fast"]],
         "naive": naive.to_json() if naive else None, "naive_runs_s": [r.total_s for r in results["naive"]],
         "ratio_naive_over_fast": (naive.s_per_image / fast.s_per_image) if naive and fast else None,
@@ -381,6 +394,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     }
     if cfg.weights != "as-is":
         out["fp8_matmul_report"] = matmul_report(pipe.backbone, pipe.head)
+    if profile is not None:
+        from .kernel_profile import format_profile
+
+        out["profile_file"] = cfg.profile_out
+        out["profile_summary"] = format_profile(profile)
     if acc is not None:
         out["graph_stats"] = _graph_stats(acc)
     if off is not None:
@@ -388,6 +406,23 @@ def run_bench(cfg: BenchConfig) -> dict:
                                 "streamed_loads": off.stats.streamed_loads, "prefetch_hits": off.stats.prefetch_hits}
         out["host_memory"] = off.host_report()
     return out
+
+
+def _write_profile(pipe, cfg: BenchConfig, args) -> dict:
+    """The kernel profile (cli/kernel_profile.py) of the fast mode at the bench's size, written to cfg.profile_out."""
+    import os
+
+    from .kernel_profile import profile_generation
+
+    prompt, h, w, steps, guidance, n, seed = args
+    p = profile_generation(pipe, prompt, h, w, steps, guidance, n, seed)
+    p.update({"shape": cfg.extra.get("shape_name", "custom"), "levers": cfg.levers.spec() or "baseline",
+              "dtype": str(cfg.dtype).replace("torch.", ""), "torch": torch.__version__})
+    if os.path.dirname(cfg.profile_out):
+        os.makedirs(os.path.dirname(cfg.profile_out), exist_ok=True)
+    with open(cfg.profile_out, "w") as f:
+        json.dump(p, f, indent=1)
+    return p
 
 
 def _first_line(e: BaseException) -> str:
@@ -421,7 +456,8 @@ def format_report(r: dict) -> str:
              f"  device {r['device']} ({r['device_name']}, {r['threads']} threads), {r['dtype']}"
              f"{', fp8 ' + r['fp8_matmul'] if r['fp8'] else ''}{', 4bit (Q4_0 backbone, fp8 head)' if r.get('q4') else ''}, "
              f"offload {r['offload']}, graphs {'on' if r['graphs'] else 'off'}"
-             f"{', compile' if r['compile'] else ''}; torch {r['torch']}; built in {r['build_s']:.1f} s"]
+             f"{', levers ' + r['levers'] if r.get('levers', 'baseline') != 'baseline' else ''}; torch {r['torch']}; "
+             f"built in {r['build_s']:.1f} s"]
     if r.get("memory_cap_bytes") is not None:
         lines.append(f"  memory cap {r['memory_cap_bytes'] / gib:.1f} GiB"
                      f"{' (simulated: planned as for a GPU, run on the CPU)' if r.get('memory_cap_simulated') else ''}")
@@ -446,6 +482,10 @@ def format_report(r: dict) -> str:
         lines.append(f"  fp8 linears: {r['fp8_matmul_report']}")
     if "graph_stats" in r:
         lines.append(f"  graphs: {r['graph_stats']}")
+    if r.get("levers_report") and set(r["levers_report"]) != {"levers"}:
+        lines.append(f"  levers: {r['levers_report']}")
+    if r.get("profile_summary"):
+        lines.append(f"  {r['profile_summary']}".replace("\n", "\n  ") + f"\n  (profile written to {r['profile_file']})")
     if "offload_stats" in r:
         lines.append(f"  offload: {r['offload_stats']}")
     if "host_memory" in r:
@@ -513,10 +553,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "auto settings against it; on the CPU: planned as for a GPU with N GiB free")
     p.add_argument("--resident-layers", type=int, default=None, help="stream: backbone layers kept on the device")
     p.add_argument("--budget-gb", type=float, default=None, help="stage offload: GiB the weights may occupy")
-    p.add_argument("--compile", action="store_true", help="torch.compile the head and the backbone layers")
+    add_lever_arguments(p)
     p.add_argument("--no-naive", action="store_true", help="skip the naive-mode run")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--measure-memory", action="store_true", help="CPU: one extra run under the allocation profiler")
+    p.add_argument("--profile-out", default=None, metavar="FILE",
+                   help="write where each millisecond of a head pass and a backbone step goes (torch.profiler; JSON)")
+    p.add_argument("--profile-only", action="store_true", help="with --profile-out: profile only, no timed runs")
+
+
+def add_lever_arguments(p: argparse.ArgumentParser) -> None:
+    """The speed levers (runtime/levers.py), each alone, or several as --levers SPEC."""
+    from ..models.attention import SDPA_BACKENDS
+    from ..runtime.levers import COMPILE_MODES, COMPILE_TARGETS, GEMM_CHOICES, GQA_LAYOUTS
+
+    g = p.add_argument_group("speed levers (issue 11; docs/performance.md)")
+    g.add_argument("--compile", nargs="?", const="all", default=None, choices=[c for c in COMPILE_TARGETS if c != "off"],
+                   help="torch.compile: head, step (the static block step), loop (head + step), backbone (layers + step) "
+                        "or all (the default when given alone: head, layers and step)")
+    g.add_argument("--compile-mode", default=None, choices=list(COMPILE_MODES),
+                   help="Inductor mode (default: max-autotune-no-cudagraphs)")
+    g.add_argument("--fuse-projections", action="store_const", const=True, default=None,
+                   help="the backbone's q/k/v and gate/up projections as one GEMM each (fused after loading)")
+    g.add_argument("--gemm", default=None, choices=list(GEMM_CHOICES),
+                   help="cublaslt: PyTorch's preferred BLAS; autotune[-splitk]: each linear compiled with max-autotune "
+                        "(with Inductor's split-K offered)")
+    g.add_argument("--sdpa-backend", default=None, choices=list(SDPA_BACKENDS), help="the block step's SDPA backend")
+    g.add_argument("--gqa", default=None, choices=list(GQA_LAYOUTS),
+                   help="grouped-query layout of the block step: stack (the shared heads along the queries) or native (enable_gqa)")
+    g.add_argument("--step-cache", default=None, choices=["on", "off"],
+                   help="the head's per-call cache of the condition's and the time grid's embeddings (exact; default on)")
+    g.add_argument("--levers", default=None, help="several at once, as bench-sweep variants write them, e.g. fuse+compile=head")
+
+
+def levers_from_args(a) -> Levers:
+    """--levers SPEC, then each lever flag given on top of it."""
+    lv = Levers.parse(getattr(a, "levers", None))
+    flags = {"compile": getattr(a, "compile", None), "compile_mode": getattr(a, "compile_mode", None),
+             "fuse": getattr(a, "fuse_projections", None), "gemm": getattr(a, "gemm", None),
+             "sdpa": getattr(a, "sdpa_backend", None), "gqa": getattr(a, "gqa", None),
+             "step_cache": None if getattr(a, "step_cache", None) is None else a.step_cache == "on"}
+    return replace(lv, **{k: v for k, v in flags.items() if v is not None})
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -538,6 +615,7 @@ def config_from_args(a) -> BenchConfig:
     repeat, cap = getattr(a, "repeat", 1), getattr(a, "memory_cap_gb", None)
     budget = getattr(a, "budget_gb", None)
     require(repeat >= 1, f"--repeat must be >= 1, got {repeat}")
+    require(not getattr(a, "profile_only", False) or getattr(a, "profile_out", None), "--profile-only needs --profile-out FILE")
     require(a.num_images >= 1, f"--num-images must be >= 1, got {a.num_images}")
     require(cap is None or cap > 0, f"--memory-cap-gb must be > 0, got {cap}")
     return BenchConfig(shape=shape_from_args(a), device=dev, dtype=dtype,
@@ -545,10 +623,11 @@ def config_from_args(a) -> BenchConfig:
                        fp8_matmul=getattr(a, "fp8_matmul", "auto"), offload=getattr(a, "offload", "none"),
                        resident_layers=getattr(a, "resident_layers", None),
                        budget_bytes=int(budget * (1 << 30)) if budget is not None else None,
-                       graphs=a.graphs, compile=getattr(a, "compile", False), naive=not getattr(a, "no_naive", True),
+                       graphs=a.graphs, levers=levers_from_args(a), naive=not getattr(a, "no_naive", True),
                        decode=not a.no_decode, repeat=repeat, warmup=a.warmup, warmup_size=_size(a.warmup_size),
                        measure_memory=getattr(a, "measure_memory", False), seed=a.seed, num_images=a.num_images,
                        threads=a.threads, memory_cap_bytes=int(cap * (1 << 30)) if cap is not None else None,
+                       profile_out=getattr(a, "profile_out", None), profile_only=getattr(a, "profile_only", False),
                        extra={"shape_name": a.shape})
 
 

@@ -1,4 +1,4 @@
-"""The command line: `python -m bitdance_core {t2i,tokenizer,imagenet,demo,bench,bench-sweep,eval-generate,convert} ...`.
+"""The command line: `python -m bitdance_core {t2i,tokenizer,imagenet,demo,bench,bench-sweep,bench-gemm,eval-generate,convert} ...`.
 
 Each command lives in its own module with a `register(subparsers)`; see common.py for the array layouts.
 """
@@ -8,9 +8,9 @@ import argparse
 import sys
 
 from ..errors import BitDanceError
-from . import bench, bench_sweep, convert, demo, eval_generate, imagenet, t2i, tokenizer
+from . import bench, bench_gemm, bench_sweep, convert, demo, eval_generate, imagenet, t2i, tokenizer
 
-COMMANDS = (t2i, tokenizer, imagenet, demo, bench, bench_sweep, eval_generate, convert)
+COMMANDS = (t2i, tokenizer, imagenet, demo, bench, bench_sweep, bench_gemm, eval_generate, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

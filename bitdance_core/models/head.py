@@ -166,7 +166,11 @@ class MlpBlock(nn.Module):
 
 
 class HeadNet(nn.Module):
-    """x (noisy bits), t (per row), c (backbone hidden state) -> predicted clean bits."""
+    """x (noisy bits), t (per row), c (backbone hidden state) -> predicted clean bits.
+
+    Of one sampler call's steps, only x and t change: `for_call` returns the net as that call uses
+    it, with the condition's embedding made once per call and the time embeddings once per time
+    grid (the step cache, on by default: the same operations on the same inputs, so the same bits)."""
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
@@ -183,20 +187,93 @@ class HeadNet(nn.Module):
         self.ada_ln_blocks = nn.ModuleList([nn.Linear(C, C * n_mod) for _ in range(cfg.depth_adanln)])
         self.switch = max(1, cfg.depth_latent // cfg.depth_adanln)
         self.final_layer = FinalLayer(C, cfg.ch_target)
+        self.step_cache = True
+        self._time_cache = StepTimeCache()
 
-    def forward(self, x, t, c):
-        dtype = self.input_proj.weight.dtype
-        x = self.input_proj(x.to(dtype))
-        temb = self.time_embed(t)
+    def embed_time(self, t):
+        return self.time_embed(t)
+
+    def embed_cond(self, c):
+        return self.cond_embed(c.to(self.input_proj.weight.dtype))
+
+    def forward(self, x, t, c, temb=None, cemb=None):
+        """temb, cemb: `embed_time(t)` and `embed_cond(c)` when already made (the step cache)."""
+        return self.forward_embedded(x, self.embed_time(t) if temb is None else temb,
+                                     self.embed_cond(c) if cemb is None else cemb)
+
+    def forward_embedded(self, x, temb, cemb):
+        """The forward from the time and condition embeddings (`embed_time`, `embed_cond`)."""
+        x = self.input_proj(x.to(self.input_proj.weight.dtype))
         if x.dim() == 3:
             temb = temb.unsqueeze(1)
-        y = F.silu(temb + self.cond_embed(c.to(dtype)))
+        y = F.silu(temb + cemb)
         for i, block in enumerate(self.res_blocks):
             if i % self.switch == 0:
                 mods = self.ada_ln_blocks[i // self.switch](y).chunk(6 if self.cfg.kind == "transformer" else 3, dim=-1)
             x = block(x, *mods)
         out = self.final_layer(x, y)
         return 2 * torch.sigmoid(out) - 1 if self.cfg.sigmoid_output else out
+
+    def for_call(self, cond, schedule: tuple):
+        """This net as one sampler call on `cond` uses it (models/sampler.py): `schedule` names what
+        fixes the call's sequence of times (the sampler, its steps and time parameters)."""
+        return CachedCall(self, cond, schedule) if self.step_cache else self
+
+
+class StepTimeCache:
+    """The time embeddings of each time grid, by call index: kept across sampler calls (every block
+    of every generation with that grid), for the weights they were made with. A CUDA graph of a
+    sampling loop reads them at fixed addresses, so an entry is never replaced while its weights
+    stay; when the weights change (moved, loaded, quantised) all entries go, and any graph that read
+    them is recaptured anyway (runtime/graphs.py compares the weights' addresses before a replay)."""
+
+    def __init__(self):
+        self.weights = None
+        self.grids: dict = {}
+
+    def entries(self, net: "HeadNet", key) -> list:
+        # what the embedding is made with: the weights (where, what, changed in place: inference tensors,
+        # as ComfyUI makes them, keep no version counter) and how each module computes (its kind, an fp8
+        # linear's matmul path, a forward replaced by a compiled one)
+        weights = tuple((p.data_ptr(), p.dtype, None if p.is_inference() else p._version)
+                        for p in net.time_embed.parameters()) + tuple(
+            (type(m).__name__, getattr(m, "matmul", None), id(m.__dict__.get("forward"))) for m in net.time_embed.modules())
+        if weights != self.weights:
+            self.weights, self.grids = weights, {}
+        return self.grids.setdefault(key, [])
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class CachedCall:
+    """A HeadNet for the steps of one sampler call: cond_embed(cond) made once; the time embedding
+    of the i-th call taken from the net's StepTimeCache (made and kept at its first use, never while
+    a CUDA graph is being captured: a captured kernel has not run yet). Every step still goes
+    through the net's __call__ (its hooks run as before: stage offload brings the weights in from
+    the net's forward pre-hook), which are also run once before the condition is embedded. Calls
+    with another condition than the one given run the whole net."""
+
+    def __init__(self, net: HeadNet, cond, schedule: tuple):
+        self.net, self.cond, self.i = net, cond, 0
+        for key, hook in list(net._forward_pre_hooks.items()):  # the weights where the net's first call would find them
+            hook(net, (cond,), {}) if key in net._forward_pre_hooks_with_kwargs else hook(net, (cond,))
+        self.cond_emb = net.embed_cond(cond)
+        key = (schedule, cond.shape[0], str(cond.device))
+        self.times = net._time_cache.entries(net, key)
+
+    def __call__(self, x, t, c):
+        if c is not self.cond:
+            return self.net(x, t, c)
+        if self.i < len(self.times):
+            temb = self.times[self.i]
+        else:
+            temb = self.net.embed_time(t)
+            if self.i == len(self.times) and not _capturing(t.device):
+                self.times.append(temb)
+        self.i += 1
+        return self.net(x, t, c, temb=temb, cemb=self.cond_emb)
 
 
 class DiffusionHead(nn.Module):

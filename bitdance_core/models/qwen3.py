@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import flash_attention
+from .attention import flash_attention, sdpa
 from ..errors import BitDanceError
 
 @dataclass
@@ -81,14 +81,18 @@ def _rotate_half(x):
     return torch.cat([-b, a], dim=-1)
 
 
-def grouped_query_attention(q, k, v, key_mask, scale: float):
+def grouped_query_attention(q, k, v, key_mask, scale: float, backends=None, native: bool = False):
     """SDPA of q [b, heads, n, d] over k, v [b, kv_heads, S, d] where the `heads // kv_heads` query
     heads sharing a kv head (consecutive, as HF's repeat_kv pairs them) are stacked along the query
     axis instead of repeating the keys and values: the same products, without writing and reading a
-    copy of the cache per layer. key_mask: None or [b, 1, 1, S] (the same keys for every query)."""
+    copy of the cache per layer. key_mask: None or [b, 1, 1, S] (the same keys for every query).
+    backends: SDPA restricted to these (`attention.sdpa_backends`); native: SDPA's own grouped-query
+    support (`enable_gqa`, the same pairing) instead of the stacking."""
     b, h, n, d = q.shape
     kvh = k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(b, kvh, (h // kvh) * n, d), k, v, attn_mask=key_mask, scale=scale)
+    if native:
+        return sdpa(q, k, v, backends, attn_mask=key_mask, scale=scale, enable_gqa=h != kvh)
+    out = sdpa(q.reshape(b, kvh, (h // kvh) * n, d), k, v, backends, attn_mask=key_mask, scale=scale)
     return out.reshape(b, h, n, d)
 
 
@@ -113,14 +117,28 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.flash = None  # flash_attn_func, used only where no mask is needed
+        # the block step's attention (issue 11's levers, runtime/levers.py): SDPA backends (None: PyTorch's
+        # choice) and the grouped-query layout ("stack": grouped_query_attention's stacking; "native": enable_gqa)
+        self.sdpa_backends = None
+        self.gqa = "stack"
+        self.qkv_proj = None  # q, k and v as one linear (models/fused_linear.py), when fused after loading
+
+    def project(self, x):
+        """The q, k and v projections of x (one GEMM when fused: the same rows, concatenated)."""
+        if self.qkv_proj is not None:
+            c = self.cfg
+            return self.qkv_proj(x).split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                                           c.num_key_value_heads * c.head_dim], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def qkv(self, x, cos, sin):
         """q [b, heads, n, hd], k and v [b, kv_heads, n, hd]: projected, normalised, rotated."""
         b, n, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_norm(self.q_proj(x).view(b, n, -1, hd)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, n, -1, hd)).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = self.q_norm(q.view(b, n, -1, hd)).transpose(1, 2)
+        k = self.k_norm(k.view(b, n, -1, hd)).transpose(1, 2)
+        v = v.view(b, n, -1, hd).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s, v
 
@@ -138,7 +156,8 @@ class Attention(nn.Module):
             out = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=mask is None)
         elif rep > 1 and (mask is True or (mask is not None and mask.shape[-2] == 1)):
             # a block step (every query sees the same keys): grouped, without repeating the cache
-            out = grouped_query_attention(q, k, v, None if mask is True else mask, hd ** -0.5).transpose(1, 2)
+            out = grouped_query_attention(q, k, v, None if mask is True else mask, hd ** -0.5, self.sdpa_backends,
+                                          self.gqa == "native").transpose(1, 2)
         else:
             if rep > 1:
                 k = k.repeat_interleave(rep, dim=1)
@@ -159,8 +178,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = None  # gate and up as one linear (models/fused_linear.py), when fused after loading
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

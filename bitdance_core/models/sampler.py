@@ -96,6 +96,14 @@ class _Draws:
         return out
 
 
+def per_call(net, cond: torch.Tensor, schedule: tuple):
+    """`net` as one sampler call on `cond` uses it: a net that keeps what does not change across the
+    call's steps (models/head.py, HeadNet.for_call: the same operations, the same bits), or `net`.
+    `schedule` is everything that fixes the call's sequence of times."""
+    bind = getattr(net, "for_call", None)
+    return net if bind is None else bind(cond, schedule)
+
+
 def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int,
                    generator: torch.Generator | list[torch.Generator] | None, x_dim: int = 32,
                    time_shift: float = 1.0, last_step_size: float = 0.05, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,6 +111,7 @@ def euler_maruyama(net: NetFn, cond: torch.Tensor, cfg: float, steps: int,
     noise: `predraw_noise(...)`, used instead of drawing from `generator`."""
     mult = 2 if cfg > 1.0 else 1
     device = cond.device
+    net = per_call(net, cond, ("euler_maruyama", steps, float(time_shift), float(last_step_size)))
     draw = _Draws(generator, device, noise)
     x = draw(x_shape_of(cond, cfg, x_dim))
     t_all = _time_grid(steps, last_step_size, time_shift, device)
@@ -132,6 +141,7 @@ def euler(net: NetFn, cond: torch.Tensor, cfg: float, steps: int,
     """Deterministic Euler on the velocity (upstream's `euler`): one draw, for x0."""
     mult = 2 if cfg > 1.0 else 1
     device = cond.device
+    net = per_call(net, cond, ("euler", steps))
     x = _Draws(generator, device, noise)(x_shape_of(cond, cfg, x_dim))
     dt = 1.0 / steps
     t = 0.0

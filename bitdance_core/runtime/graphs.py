@@ -162,7 +162,8 @@ def graphed_sampler(fn):
         if stats is None or not cond.is_cuda or _has_inner_hooks(inner):
             return fn(net, cond, cfg, steps, generator, **kw)
         noise = predraw_noise(name, cond, cfg, steps, generator, kw.get("x_dim", 32))
-        key = (id(net), name, tuple(cond.shape), cond.dtype, float(cfg), int(steps), tuple(sorted(kw.items())))
+        key = (id(net), name, tuple(cond.shape), cond.dtype, float(cfg), int(steps), tuple(sorted(kw.items())),
+               getattr(inner, "step_cache", None))  # the step cache changes what the loop launches, not its result
         if key in stats.failures:
             return fn(net, cond, cfg, steps, None, noise=noise, **kw)
         for hook in list(inner._forward_pre_hooks.values()):
@@ -204,19 +205,46 @@ def static_attention(attn, x, cos, sin, k_cache, v_cache, slots, key_mask):
     q, k, v = attn.qkv(x, cos, sin)
     k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-    out = grouped_query_attention(q, k_cache, v_cache, key_mask, attn.cfg.head_dim ** -0.5)
+    out = grouped_query_attention(q, k_cache, v_cache, key_mask, attn.cfg.head_dim ** -0.5, attn.sdpa_backends,
+                                  attn.gqa == "native")
     return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
-def static_step(backbone, x, cos, sin, cache, slots, key_mask):
+def static_layer(layer, x, cos, sin, k_cache, v_cache, slots, key_mask):
+    """One decoder layer of the static block step."""
+    x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, k_cache, v_cache, slots, key_mask)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def static_step(backbone, x, cos, sin, cache, slots, key_mask, layer_step=static_layer):
     """The backbone forward of one block with static shapes (see `static_attention`); cos/sin are
     the RoPE tables of the block's positions (`qwen3.rope_tables`, made outside a capture: it
-    builds its frequencies on the host)."""
+    builds its frequencies on the host). layer_step: `static_layer` or a compiled one."""
     x = x.to(backbone.dtype)
     for i, layer in enumerate(backbone.model.layers):
-        x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, cache.k[i], cache.v[i], slots, key_mask)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer_step(layer, x, cos, sin, cache.k[i], cache.v[i], slots, key_mask)
     return backbone.model.norm(x)
+
+
+class CompiledStep:
+    """The static step with `static_layer` compiled once for every layer (regional compilation:
+    the layers are alike, so one compilation serves all 40; the layer's weights are its inputs).
+    The cache length is marked dynamic, so one compilation also serves every image size; a new
+    batch size (rows) compiles again."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.layer = torch.compile(static_layer, mode=mode, dynamic=False)
+
+    def _layer(self, layer, x, cos, sin, k_cache, v_cache, slots, key_mask):
+        import torch._dynamo
+
+        for t, dim in ((k_cache, 2), (v_cache, 2), (key_mask, 3)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        return self.layer(layer, x, cos, sin, k_cache, v_cache, slots, key_mask)
+
+    def __call__(self, backbone, x, cos, sin, cache, slots, key_mask):
+        return static_step(backbone, x, cos, sin, cache, slots, key_mask, layer_step=self._layer)
 
 
 class GraphedBackbone(nn.Module):
@@ -374,24 +402,46 @@ def enable_graphs(pipe, head: bool = True, sampler: bool = True, backbone: bool 
     return acc
 
 
-def enable_compile(pipe, mode: str = "max-autotune-no-cudagraphs", force: bool = False) -> bool:
-    """torch.compile the head network and each backbone layer (GPU only unless force=True).
-    Returns whether anything was compiled."""
+COMPILE_PARTS = ("head", "layers", "step")
+HEAD_FORWARDS = ("forward",)  # the head network's entry (a whole call, or one from the step cache's embeddings)
+
+
+def compile_parts(pipe, mode: str = "max-autotune-no-cudagraphs", parts=COMPILE_PARTS) -> list[str]:
+    """torch.compile the given parts: "head" (the head network's forwards, static shapes), "layers"
+    (each backbone layer's forward, dynamic shapes: the prefill and eager block steps) and "step"
+    (the static block step of a GraphedBackbone, one layer compiled for all: `CompiledStep`; without
+    one the block steps go through the layers, which are compiled instead). Returns what was compiled."""
+    done = []
+    if "head" in parts:
+        net = pipe.head.net.inner if isinstance(pipe.head.net, GraphedModule) else pipe.head.net
+        for name in HEAD_FORWARDS:
+            if hasattr(type(net), name):
+                setattr(net, name, torch.compile(getattr(net, name), mode=mode, dynamic=False))
+        done.append("head")
+    static = isinstance(pipe.backbone, GraphedBackbone)
+    if "layers" in parts or ("step" in parts and not static):
+        for layer in pipe.backbone.model.layers:
+            layer.forward = torch.compile(layer.forward, mode=mode, dynamic=True)
+        done.append("layers")
+    if "step" in parts and static:  # its block step does not go through layer.forward
+        pipe.backbone.step_fn = CompiledStep(mode)
+        done.append("step")
+    return done
+
+
+def enable_compile(pipe, mode: str = "max-autotune-no-cudagraphs", force: bool = False, parts=COMPILE_PARTS) -> bool:
+    """torch.compile the head network and each backbone layer (GPU only unless force=True); see
+    `compile_parts`. Returns whether anything was compiled."""
     if torch.device(pipe.device).type != "cuda" and not force:
         return False
-    net = pipe.head.net.inner if isinstance(pipe.head.net, GraphedModule) else pipe.head.net
-    net.forward = torch.compile(net.forward, mode=mode, dynamic=False)
-    for layer in pipe.backbone.model.layers:
-        layer.forward = torch.compile(layer.forward, mode=mode, dynamic=True)
-    if isinstance(pipe.backbone, GraphedBackbone):  # its block step does not go through layer.forward
-        pipe.backbone.step_fn = torch.compile(static_step, mode=mode, dynamic=False)
-    return True
+    return bool(compile_parts(pipe, mode, parts))
 
 
 def disable_compile(pipe) -> None:
     """Undo `enable_compile`: the plain forwards back (the static block step goes with its graphs)."""
     net = pipe.head.net.inner if isinstance(pipe.head.net, GraphedModule) else pipe.head.net
-    net.__dict__.pop("forward", None)
+    for name in HEAD_FORWARDS:
+        net.__dict__.pop(name, None)
     for layer in pipe.backbone.model.layers:
         layer.__dict__.pop("forward", None)
     if isinstance(pipe.backbone, GraphedBackbone):
