@@ -16,7 +16,7 @@ from .pipelines.comfy_split import SplitConfigs, describe_split, load_split, rea
 from .pipelines.images import from_unit_hwc, to_uint8, to_uint8_rounded, to_unit_hwc
 from .pipelines.prompts import PromptTokens
 from .pipelines.t2i import OFFICIAL_SIZES, T2IPipeline
-from .pipelines.t2i_loading import ModelFiles, T2IInfo, describe_t2i, load_t2i
+from .pipelines.t2i_loading import ModelFiles, T2IConfigs, T2IInfo, describe_t2i, load_t2i, read_t2i_configs
 from .pipelines.tokenizers import find_autoencoder_files, find_tokenizer_files, load_tokenizer
 from .pipelines.uniwetok_loading import CHECKPOINT_EXTS as UNIWETOK_EXTS
 from .pipelines.uniwetok_loading import find_uniwetok_files, is_uniwetok_checkpoint
@@ -24,9 +24,9 @@ from .pipelines.uniwetok_loading import find_uniwetok_files, is_uniwetok_checkpo
 find_t2i_files = ModelFiles.find  # raises BitDanceError unless the path is a text-to-image model folder
 
 __all__ = ["BinaryAutoencoder", "BitDanceError", "BlockGrid", "ImageNetInfo", "ImageNetPipeline", "ModelFiles",
-           "OFFICIAL_SIZES", "OutOfDeviceMemory", "PromptTokens", "SplitConfigs", "T2IInfo", "T2IPipeline",
+           "OFFICIAL_SIZES", "OutOfDeviceMemory", "PromptTokens", "SplitConfigs", "T2IConfigs", "T2IInfo", "T2IPipeline",
            "UNIWETOK_EXTS", "UniWeTok", "class_index", "class_label", "describe_imagenet", "describe_split",
            "describe_t2i", "extend_canvas", "find_autoencoder_files", "find_t2i_files", "find_tokenizer_files",
            "find_uniwetok_files", "from_unit_hwc", "imagenet_class_names", "is_uniwetok_checkpoint", "keep_from_noise_mask",
            "keep_rows", "load_imagenet", "load_split", "load_t2i", "load_tokenizer", "parse_class_label", "parse_classes",
-           "read_split_configs", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]
+           "read_split_configs", "read_t2i_configs", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]

@@ -47,9 +47,16 @@ def describe_split(main_model: str, text_encoder: str, vae: str, qwen_vocab: str
     return _describe(bd.describe_split(read_split(main_model, text_encoder, vae, qwen_vocab, parallel_num)))
 
 
+def read_t2i(path: str):
+    """A model folder's configs, each file read once; the loader describes, plans and loads with them."""
+    return bd.read_t2i_configs(path)
+
+
 def describe_loaded(source) -> dict:
-    """_describe of what a loader has read: a model folder, or the split files' configs (read_split)."""
-    return describe_t2i(source) if isinstance(source, str) else _describe(bd.describe_split(source))
+    """_describe of what a loader has read: a model folder's configs (read_t2i) or the split files' (read_split)."""
+    if isinstance(source, bd.SplitConfigs):
+        return _describe(bd.describe_split(source))
+    return _describe(bd.describe_t2i(source))
 
 
 def imagenet_class_names() -> list[str]:

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from . import paths
 from .download import download_release
 from .engine import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, check_generation, describe_loaded, enable_cuda_graphs,
-                     find_t2i_files, load_t2i_planned, plan_t2i)
+                     find_t2i_files, load_t2i_planned, plan_t2i, read_t2i)
 from .memory import DTYPE_CHOICES, Managed, free_memory_for_planning, make_room, pick_device, pick_dtype
 from .continuation import init_input, read_init
 from .validation import check_combo
@@ -69,15 +69,15 @@ class BitDanceModelLoader(io.ComfyNode):
     def execute(cls, model: str, dtype: str = "auto", attention: str = "auto", download: bool = False,
                 weights: str = "auto", offload: str = "auto", cuda_graphs: bool = False) -> io.NodeOutput:
         path = resolve_or_download(model, "model", download)
-        return io.NodeOutput(*load_t2i_managed(path, model, os.path.realpath(path), dtype, attention, weights, offload,
-                                               cuda_graphs))
+        return io.NodeOutput(*load_t2i_managed(read_t2i(path), model, os.path.realpath(path), dtype, attention, weights,
+                                               offload, cuda_graphs))
 
 
 def load_t2i_managed(source, name: str, key: str, dtype: str, attention: str, weights: str, offload: str,
                      cuda_graphs: bool) -> tuple[Managed, Tokenizer]:
     """The model loaders' common part: the engine plans (weights, offload) for the free memory and
     says why, ComfyUI makes room, the engine loads, and ComfyUI gets the model to manage.
-    source: a model folder or the split files' configs (engine.read_split); key: what a
+    source: a model folder's configs (engine.read_t2i) or the split files' (engine.read_split); key: what a
     conditioning made with this model must match."""
     device = pick_device()
     torch_dtype = pick_dtype(dtype, device)

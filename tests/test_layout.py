@@ -209,3 +209,27 @@ def test_a_load_reads_each_config_file_once(fixture, weights, monkeypatch):
     pipe, _ = load_planned(model, decision, "cpu")
     assert pipe.parallel_num >= 1
     assert sorted(opened) == ["ae_config.json", "config.json", "vision_head_config.json"]
+
+
+@pytest.mark.parametrize("fixture", fixture_dirs("t2i-tiny"))
+def test_the_loader_node_path_reads_each_config_file_once(fixture, monkeypatch):
+    """The model loader node's path: the configs read once, then described, planned and loaded from them."""
+    from bitdance_core import describe_t2i, read_t2i_configs
+    from bitdance_core.runtime import load_planned, plan_for
+
+    model = os.path.join(fixture, "model")
+    configs = {os.path.realpath(os.path.join(model, f)) for f in ("config.json", "vision_head_config.json", "ae_config.json")}
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *a, **kw):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) in configs:
+            opened.append(os.path.basename(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    source = read_t2i_configs(model)
+    assert describe_t2i(source).parallel_num >= 1
+    pipe, _ = load_planned(source, plan_for(source, None, device="cpu", height=64, width=64), "cpu")
+    assert pipe.parallel_num >= 1
+    assert sorted(opened) == ["ae_config.json", "config.json", "vision_head_config.json"]

@@ -275,13 +275,18 @@ def _plan_gpu(name, device, llm, head, ae, args, common, info, free_bytes, weigh
 
 def load_planned(source, decision: LoadDecision, device, dtype=torch.bfloat16, attention: str = "sdpa"):
     """Load a text-to-image model as `decision` says: (pipeline, Offload or None). source: a model
-    folder or the split files' SplitConfigs. Offloaded models are read into CPU memory and get
-    `offload.apply_offload` hooks that bring parts to `device`."""
+    folder, its T2IConfigs (nothing is read again), or the split files' SplitConfigs. Offloaded models
+    are read into CPU memory and get `offload.apply_offload` hooks that bring parts to `device`."""
+    if isinstance(source, T2IConfigs):
+        source, decision_configs = source.path, source
+    else:
+        decision_configs = decision.configs
     if isinstance(source, SplitConfigs):
         def load(dev):
             return load_split(source, device=dev, dtype=dtype, weights=decision.weights, attention=attention)
     else:
-        configs = decision.configs if isinstance(decision.configs, T2IConfigs) and _same_folder(decision.configs, source) else None
+        configs = (decision_configs if isinstance(decision_configs, T2IConfigs) and _same_folder(decision_configs, source)
+                   else None)
 
         def load(dev):
             return load_t2i(source, device=dev, dtype=dtype, attention=attention, weights=decision.weights, configs=configs)
