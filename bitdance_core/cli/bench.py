@@ -259,6 +259,10 @@ def _setup(cfg: BenchConfig) -> torch.device:
 
 def _memory_fields(cfg: BenchConfig, dev: torch.device) -> dict:
     out = {"memory_cap_bytes": cfg.memory_cap_bytes, "memory_cap_simulated": dev.type != "cuda" and cfg.memory_cap_bytes is not None}
+    if dev.type == "cuda":
+        # "native" here; ComfyUI starts CUDA with "cudaMallocAsync" (PYTORCH_CUDA_ALLOC_CONF), which
+        # counts peaks and graph memory its own way: the figures say which one they were measured with
+        out["allocator_backend"] = torch.cuda.get_allocator_backend()
     if cfg.memory_cap_bytes is not None and dev.type == "cuda":
         from ..runtime.fitting import cap_device_memory
 
