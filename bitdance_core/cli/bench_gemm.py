@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import require
 from ..runtime.levers import SPLITK_THRESHOLD
+from .common import JsonlRecords
 
 BACKENDS = ("default", "cublaslt", "autotune", "autotune-splitk")
 PLAIN = ("default", "cublaslt")
@@ -171,16 +172,7 @@ def run_gemm_bench(shape, device, dtype, rows: list[int], backends: list[str], a
     shapes = linear_shapes(shape)
     head = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, **peaks}
-    records = []
-
-    def record(r):
-        r = {**head, **r}
-        records.append(r)
-        if jsonl:
-            with open(jsonl, "a") as f:
-                f.write(json.dumps(r) + "\n")
-        if emit:
-            emit(r)
+    record = JsonlRecords(head, jsonl, emit)
 
     def one(entry, m, backend):
         try:
@@ -227,7 +219,7 @@ def run_gemm_bench(shape, device, dtype, rows: list[int], backends: list[str], a
             inductor.triton.decompose_k_threshold = old
         if compiled:
             torch._dynamo.reset()
-    return {**head, "records": records, "total_s": time.perf_counter() - t0}
+    return {**head, "records": record.records, "total_s": time.perf_counter() - t0}
 
 
 def gemm_line(r: dict) -> str:

@@ -30,6 +30,7 @@ from ..errors import BitDanceError, require
 from ..runtime.levers import Levers
 from .bench import (PROMPT, BenchConfig, _check_host_memory, _device_name, _graph_stats, _peaks, _setup, _warmup_args,
                     add_common_arguments, build_pipeline, config_from_args, time_generation)
+from .common import JsonlRecords
 
 
 @dataclass
@@ -199,16 +200,7 @@ def run_sweep(cfg: BenchConfig, variants: list[Variant], runs: list[tuple[int, i
     head = {"shape": cfg.extra.get("shape_name", "custom"), "device": str(dev), "device_name": _device_name(dev),
             "dtype": str(cfg.dtype).replace("torch.", ""), "torch": torch.__version__, "steps": shape.steps,
             "cfg": shape.cfg, "graphs": use_graphs, "build_s": build_s}
-    records = []
-
-    def record(r: dict) -> None:
-        r = {**head, **r}
-        records.append(r)
-        if jsonl:
-            with open(jsonl, "a") as f:
-                f.write(json.dumps(r) + "\n")
-        if emit:
-            emit(r)
+    record = JsonlRecords(head, jsonl, emit)
 
     refs = {}
     if bits:
@@ -272,7 +264,7 @@ def run_sweep(cfg: BenchConfig, variants: list[Variant], runs: list[tuple[int, i
                 acc.remove()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-    return {**head, "variants": [v.name for v in variants], "runs": [list(r) for r in runs], "records": records,
+    return {**head, "variants": [v.name for v in variants], "runs": [list(r) for r in runs], "records": record.records,
             "total_s": time.perf_counter() - t_start}
 
 

@@ -1,4 +1,5 @@
-"""What the engine's commands share: device and dtype, a progress bar, writing the outputs, reading .npy inputs.
+"""What the engine's commands share: device and dtype, a progress bar, writing the outputs, reading .npy inputs,
+the benchmarks' JSON-lines records.
 
 Array layouts: pixels .npy uint8 [B, H, W, 3] (the official conversion), tokens .npy float32 ±1
 [B, C, h, w] (what a decoder takes).
@@ -6,6 +7,7 @@ Array layouts: pixels .npy uint8 [B, H, W, 3] (the official conversion), tokens 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -82,3 +84,21 @@ def load_npy(path, what, ndim):
     if arr.ndim != ndim:
         raise BitDanceError(f"{path}: {what} must have {ndim} dimensions [B, C, H, W], got shape {list(arr.shape)}")
     return np.ascontiguousarray(arr.astype(np.float32))
+
+
+class JsonlRecords:
+    """A benchmark's records: each is the run's `common` fields plus its own, kept in `.records`,
+    appended to the JSON-lines file `jsonl` as it comes (a run cut short by its timeout keeps what
+    finished) and handed to `emit` (the printed progress)."""
+
+    def __init__(self, common: dict, jsonl: str | None = None, emit=None):
+        self.common, self.jsonl, self.emit, self.records = common, jsonl, emit, []
+
+    def __call__(self, r: dict) -> None:
+        r = {**self.common, **r}
+        self.records.append(r)
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        if self.emit:
+            self.emit(r)
