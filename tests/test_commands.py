@@ -59,3 +59,64 @@ def test_test_sh_says_first_that_it_will_install_chromium_with_apt(tmp_path):
     present = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
                              env=dict(os.environ, CHROMIUM="/bin/sh", SKIP_BROWSER="0"))
     assert "apt-get" not in present.stdout and present.stdout.splitlines()[0] == "ran setup_engine.sh", present.stdout
+
+
+def _command_options() -> dict[str, set[str]]:
+    """Each command of `python -m bitdance_core` -> its options."""
+    import argparse
+
+    from bitdance_core.cli.main import build_parser
+
+    out = {}
+
+    def walk(parser, name):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if name:
+            out[name] = {o for a in parser._actions for o in a.option_strings}
+        for action in subs:
+            for child, p in action.choices.items():
+                walk(p, f"{name} {child}".strip())
+
+    walk(build_parser(), "")
+    return out
+
+
+def _doc_commands(text: str):
+    """(command words, the rest) for each engine command a document shows: in code blocks (with
+    backslash continuations joined) and in inline code spans that start with a command name."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    pieces = []
+    for i, block in enumerate(text.split("```")):
+        if i % 2:  # inside a fenced block: each line, its comment cut off
+            pieces += [line.split(" #")[0] for line in block.splitlines()]
+        else:
+            pieces += re.findall(r"`([^`\n]+)`", block)
+    for piece in pieces:
+        for part in re.split(r"\||&&|;", piece):
+            m = re.search(r"(?:^|bitdance_core\s+)([a-z][a-z0-9-]*)((?:\s.*)?)$", part.strip())
+            if m:
+                yield m.group(1), m.group(2)
+
+
+def test_every_option_the_docs_show_exists():
+    """README, ARCHITECTURE and docs/ name engine options (`t2i --weights 4bit`, `bench --memory-cap-gb N`,
+    whole commands): each must be an option of that command's parser, so a renamed or removed option
+    cannot stay documented."""
+    import glob
+
+    options = _command_options()
+    assert {"t2i", "bench", "tokenizer", "convert"} <= set(options)
+    seen, wrong = 0, []
+    for path in [os.path.join(REPO, "README.md"), os.path.join(REPO, "ARCHITECTURE.md"),
+                 *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]:
+        with open(path) as f:
+            text = f.read()
+        for command, rest in _doc_commands(text):
+            if command not in options:
+                continue
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest):
+                seen += 1
+                if flag not in options[command]:
+                    wrong.append(f"{os.path.relpath(path, REPO)}: {command} {flag}")
+    assert not wrong, "documented options that the commands do not have:\n" + "\n".join(wrong)
+    assert seen > 50, seen  # the docs do show options: the search found them
