@@ -95,7 +95,9 @@ class BitDanceImageNetSampler(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, class_name=None):
         """Any '<index>: <name>' or '<index>': the names listed are ImageNet's, but a model with other
-        classes (the digits demo: '0' .. '9', which the web extension lists) is checked when it runs."""
+        classes (the digits demo: '0' .. '9', which the web extension lists) is checked when it runs.
+        class_name must stay an argument here: later ComfyUI versions check every combo that
+        validate_inputs does not take against its options, which would refuse the digits' labels."""
         if class_name is None:
             return True
         try:

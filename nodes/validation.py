@@ -1,7 +1,9 @@
 """Dropdown values checked when a prompt is queued (400 with node_errors), not at run time.
 
 ComfyUI 0.3.75 does not check V3 combo values itself, so a node checks the dropdown that lists
-files (it follows the disk) in its validate_inputs, against the options it offers now. ComfyUI
+files (it follows the disk) in its validate_inputs, against the options it offers now. (Later
+ComfyUI versions check every combo that validate_inputs does not take, with their own "Value not in
+list"; the inputs taken here keep this module's messages and download hints there too.) ComfyUI
 reports a failed validate_inputs once for every input the function takes, so each node's
 validate_inputs takes only that one input: each problem appears once. A missing file of a released
 model is reported with the command that downloads it. The fixed dropdowns (dtype, offload, ...) can
