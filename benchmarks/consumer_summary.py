@@ -96,9 +96,92 @@ def stream(out):
             f"registration {host.get('registration')}"]
 
 
+FP8_TARGET_S = 2.5  # issue 10: fp8 weights, 14B-64x 1024x1024, one image (the sweep runs without the decode)
+FP8_PEAK_GIB = 18.0
+Q4_PEAK_GIB = 11.0  # 4-bit weights at 14B-64x 1024x1024 on a 12 GB card
+
+
+def _sweep_records(out):
+    recs = []
+    try:
+        with open(os.path.join(out, "fp8_sweep.jsonl")) as f:
+            for line in f:
+                try:
+                    recs.append(json.loads(line))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return [r for r in recs if "s_per_image" in r]
+
+
+def pick_auto_path(recs):
+    """The fp8 matmul mode for formats/fp8_matmul.AUTO_ON_FP8_GPUS: among the plain `fp8:<mode>` variants
+    that ran every run without a fallback, those not slower per image than bf16 (`as-is`) at the
+    batched run first, then the fastest at one image. Returns (mode or None, why)."""
+    one = [r for r in recs if r["images"] == 1]
+    many = [r for r in recs if r["images"] > 1]
+    bf16_many = next((r["s_per_image"] for r in many if r["variant"] == "as-is"), None)
+    by_mode = {}
+    for r in recs:
+        v = r["variant"]
+        if not v.startswith("fp8:") or "+" in v:
+            continue
+        ok = not (r.get("fp8_matmul_report") or {}).get("fallbacks")
+        by_mode.setdefault(v[4:], []).append((r, ok))
+    scored = []
+    for mode, runs in by_mode.items():
+        if not all(ok for _, ok in runs):
+            continue
+        t1 = next((r["s_per_image"] for r, _ in runs if r in one), None)
+        tn = next((r["s_per_image"] for r, _ in runs if r in many), None)
+        if t1 is None:
+            continue
+        keeps_batch = bf16_many is None or (tn is not None and tn <= bf16_many)
+        scored.append((not keeps_batch, t1, mode, tn))
+    if not scored:
+        return None, "no plain fp8 path ran at one image without a fallback"
+    slower, t1, mode, tn = min(scored)
+    why = f"{t1:.3f} s/image at one image" + (f", {tn:.3f} at the batched run" if tn is not None else "")
+    if bf16_many is not None:
+        why += f" (bf16 {bf16_many:.3f}: {'slower' if slower else 'not slower'})"
+    return mode, why
+
+
+def targets(out):
+    """Issue 10's GPU targets, each met or not, and the fp8 path for `auto`."""
+    lines = ["targets (issue 10):"]
+    for path in sorted(glob.glob(os.path.join(out, "cap*.json")), key=lambda p: -float(os.path.basename(p)[3:-5])):
+        cap, r = os.path.basename(path)[3:-5], _load(path)
+        done = bool(r) and not r.get("error") and "s_per_image" in (r.get("fast") or {})
+        line = f"  cap {cap} GiB: {'completed' if done else 'DID NOT COMPLETE'}"
+        if done and (r.get("decision") or {}).get("weights") == "4bit":
+            peak = r.get("peak_memory_bytes") or 0
+            line += f"; 4-bit peak {_gib(peak)} GiB (<= {Q4_PEAK_GIB:g}: {'met' if peak <= Q4_PEAK_GIB * GIB else 'NOT met'})"
+        lines.append(line)
+    recs = _sweep_records(out)
+    one = [r for r in recs if r["images"] == 1 and r["variant"].startswith("fp8:")]
+    if one:
+        best = min(one, key=lambda r: r["s_per_image"])
+        peak = best.get("peak_memory_bytes") or 0
+        lines.append(f"  fp8 at one image {best['width']}x{best['height']}: best {best['variant']} {best['s_per_image']:.3f} s "
+                     f"(<= {FP8_TARGET_S:g} s: {'met' if best['s_per_image'] <= FP8_TARGET_S else 'NOT met'}), peak "
+                     f"{_gib(peak)} GiB (<= {FP8_PEAK_GIB:g}: {'met' if peak <= FP8_PEAK_GIB * GIB else 'NOT met'})")
+    many = [r for r in recs if r["images"] > 1]
+    base = next((r for r in many if r["variant"] == "as-is"), None)
+    fp8_many = [r for r in many if r["variant"].startswith("fp8:")]
+    if base and fp8_many:
+        best = min(fp8_many, key=lambda r: r["s_per_image"])
+        lines.append(f"  fp8 at {best['images']} images: best {best['variant']} {best['s_per_image']:.3f} s/image against bf16 "
+                     f"{base['s_per_image']:.3f} (not slower: {'met' if best['s_per_image'] <= base['s_per_image'] else 'NOT met'})")
+    mode, why = pick_auto_path(recs)
+    lines.append(f"  AUTO_ON_FP8_GPUS (formats/fp8_matmul.py) -> {mode!r}: {why}" if mode else f"  AUTO_ON_FP8_GPUS: unchanged ({why})")
+    return lines
+
+
 def main(argv):
     out = argv[1] if len(argv) > 1 else "out/consumer"
-    print("\n".join(["== summary"] + caps(out) + sweep(out) + stream(out)))
+    print("\n".join(["== summary"] + caps(out) + sweep(out) + stream(out) + targets(out)))
 
 
 if __name__ == "__main__":

@@ -114,4 +114,38 @@ def test_gpu_consumer_script_dry_run(tmp_path):
     for d in want:
         assert f"{d.weights} {d.offload}" in summary
     assert "fp8:scaled_mm" in summary and "stream (1 resident layers" in summary
+    targets = summary[summary.index("targets (issue 10):"):]
+    assert targets.count("completed") == 3 and "DID NOT COMPLETE" not in targets
+    assert "fp8 at one image 128x128: best fp8:" in targets and "fp8 at 2 images: best fp8:" in targets
+    assert "AUTO_ON_FP8_GPUS (formats/fp8_matmul.py) -> 'dequant'" in targets or \
+        "AUTO_ON_FP8_GPUS (formats/fp8_matmul.py) -> 'scaled_mm'" in targets, targets
     assert (out / "log.txt").read_text().count("== cap") == 3
+
+
+def _sweep_record(variant, images, s_per_image, fallbacks=0):
+    return {"variant": variant, "images": images, "height": 1024 if images == 1 else 512, "width": 1024 if images == 1 else 512,
+            "s_per_image": s_per_image, "fp8_matmul_report": {"fallbacks": fallbacks, "paths": {}}}
+
+
+def test_the_summary_picks_the_fp8_path_for_auto_by_the_rule_it_states():
+    """benchmarks/consumer_summary.py's choice for AUTO_ON_FP8_GPUS: a plain fp8 path (no lever combined)
+    that ran without a fallback; not slower than bf16 at the batched run if any path manages that;
+    then the fastest at one image."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import consumer_summary as cs
+    finally:
+        sys.path.pop(0)
+    r = _sweep_record
+    recs = [r("as-is", 1, 7.0), r("as-is", 8, 3.5),
+            r("fp8:scaled_mm", 1, 5.0), r("fp8:scaled_mm", 8, 3.6),
+            r("fp8:weight_only_compiled", 1, 4.5), r("fp8:weight_only_compiled", 8, 4.0),  # fastest alone, loses batched
+            r("fp8:scaled_mm_compiled", 1, 4.8), r("fp8:scaled_mm_compiled", 8, 3.4),
+            r("fp8:torchao", 1, 3.0, fallbacks=5), r("fp8:torchao", 8, 2.0, fallbacks=5),  # fell back: not its own figure
+            r("fp8:scaled_mm+compile", 1, 2.4)]  # a combination, not a matmul path
+    assert cs.pick_auto_path(recs)[0] == "scaled_mm_compiled"
+    # no path keeps up with bf16 at the batched run: the fastest at one image
+    slow = [x for x in recs if x["variant"] != "fp8:scaled_mm_compiled"]
+    assert cs.pick_auto_path(slow)[0] == "weight_only_compiled"
+    mode, why = cs.pick_auto_path(recs[:2])
+    assert mode is None and "no plain fp8 path" in why
