@@ -11,6 +11,9 @@
 // - ImageNet Class Sampler: the class dropdown lists the connected checkpoint's own classes (from
 //   /bitdance/imagenet_info: ImageNet's 1000, or "0" .. "9" for the digits demo); a class chosen for
 //   another model keeps its index and gets this model's name.
+// - Both node renderers: the canvas one (LiteGraph) and the Vue one ("Nodes 2.0", frontend setting
+//   Comfy.VueNodes.Enabled), which paints no canvas foreground: there the status line is a text
+//   widget and a timer follows the model (see follow()).
 // - Every BitDance node is at least as wide as its title.
 // - The template browser lists this pack's workflows in the order of templates.json (the demo
 //   workflows, which need no download, first).
@@ -47,6 +50,21 @@ function fetchInfo(route, query) {
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
+}
+
+// A widget's value set as a user would set it: through its callback, which the Vue node renderer
+// wraps to update what it shows (a plain assignment would leave its display behind). Unchanged
+// values are left alone, so callbacks that set each other (preset <-> width/height) stop.
+function setValue(w, value) {
+  if (!w || w.value === value) return;
+  w.value = value;
+  w.callback?.(value);
+}
+
+// A dropdown's choices, changed in place: the Vue node renderer keeps the array it was given.
+function setOptions(w, values) {
+  if (Array.isArray(w.options.values)) w.options.values.splice(0, w.options.values.length, ...values);
+  else w.options.values = [...values];
 }
 
 // The node wired (directly) into this node's `input`.
@@ -100,7 +118,7 @@ async function refreshSizes(node) {
   const preset = widget(node, "preset");
   if (!name) {
     Object.assign(node.bitdance, { info: null, presets: [], error: null });
-    preset.options.values = [CUSTOM];
+    setOptions(preset, [CUSTOM]);
     node.setDirtyCanvas(true, true);
     return;
   }
@@ -109,7 +127,7 @@ async function refreshSizes(node) {
   node.bitdance.info = info.available ? info : null;
   node.bitdance.error = info.available ? null : info.error;
   node.bitdance.presets = info.available ? presetsFor(info) : [];
-  preset.options.values = [CUSTOM, ...node.bitdance.presets.map((p) => p.label)];
+  setOptions(preset, [CUSTOM, ...node.bitdance.presets.map((p) => p.label)]);
   syncPreset(node);
   node.setDirtyCanvas(true, true);
 }
@@ -119,7 +137,7 @@ function syncPreset(node) {
   const w = widget(node, "width")?.value;
   const h = widget(node, "height")?.value;
   const match = node.bitdance.presets.find((p) => p.width === w && p.height === h);
-  widget(node, "preset").value = match ? match.label : CUSTOM;
+  setValue(widget(node, "preset"), match ? match.label : CUSTOM);
 }
 
 // With a LATENT on "init" the sampler continues that image: its size, not width/height.
@@ -154,10 +172,10 @@ async function refreshClasses(node) {
   node.bitdance.error = info.available ? null : info.error;
   if (!info.available) return node.setDirtyCanvas(true, true);
   const w = widget(node, "class_name");
-  w.options.values = info.classes;
+  setOptions(w, info.classes);
   if (!info.classes.includes(w.value)) {
     const index = parseInt(String(w.value).split(":")[0], 10);
-    if (index >= 0 && index < info.classes.length) w.value = info.classes[index]; // same class, this model's name
+    if (index >= 0 && index < info.classes.length) setValue(w, info.classes[index]); // same class, this model's name
   }
   node.setDirtyCanvas(true, true);
 }
@@ -175,11 +193,9 @@ function classStatus(node) {
 
 // --- drawing -------------------------------------------------------------------------------------
 function drawStatus(node, ctx, [text, healthy]) {
-  node.bitdance.status = text;
-  node.bitdance.statusColour = healthy ? OK_COLOUR : WARNING_COLOUR;
   ctx.save();
   ctx.font = "12px sans-serif";
-  ctx.fillStyle = node.bitdance.statusColour;
+  ctx.fillStyle = healthy ? OK_COLOUR : WARNING_COLOUR;
   ctx.fillText(text, 10, node.size[1] - 8);
   ctx.restore();
 }
@@ -198,21 +214,70 @@ function minWidth(node) {
   return Math.ceil(titleWidth(node.title) + 2 * pad);
 }
 
-function withStatusLine(nodeType, refresh, status) {
+// Keeping up with the graph: the model wired into a sampler changes by rewiring or by the loader's
+// dropdown, and no node event reaches the sampler for the latter. The canvas renderer redraws a node
+// after such changes (onDrawForeground follows them there); the Vue node renderer ("Nodes 2.0")
+// never calls onDrawForeground, so a timer follows every sampler too (FOLLOW_MS).
+const FOLLOW_MS = 500;
+const KINDS = {}; // node type -> { loaders, refresh, status }
+
+function follow(node) {
+  const kind = KINDS[node.comfyClass];
+  if (!kind || !node.bitdance) return null;
+  if (connectedQuery(node, kind.loaders) !== node.bitdance.model) kind.refresh(node);
+  const [text, healthy] = kind.status(node);
+  node.bitdance.status = text;
+  node.bitdance.statusColour = healthy ? OK_COLOUR : WARNING_COLOUR;
+  const el = node.bitdance.statusElement;
+  if (el && (el.textContent !== text || el.dataset.colour !== node.bitdance.statusColour)) {
+    el.textContent = text;
+    el.dataset.colour = node.bitdance.statusColour;
+    el.style.color = node.bitdance.statusColour;
+  }
+  return [text, healthy];
+}
+
+function vueNodes() {
+  try {
+    return Boolean(app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled")
+      ?? app.ui?.settings?.getSettingValue?.("Comfy.VueNodes.Enabled"));
+  } catch (e) {
+    return false;
+  }
+}
+
+// The status line: drawn under the widgets by the canvas renderer; a text widget under the Vue one,
+// which paints no canvas foreground (not saved: workflows keep the backend's widget layout).
+function addStatusElement(node) {
+  const el = document.createElement("div");
+  el.className = "bitdance-status";
+  el.style.cssText = "font: 12px sans-serif; padding: 2px 4px; white-space: normal;";
+  const w = node.addDOMWidget?.("bitdance_status", "bitdance-status", el, { serialize: false, hideOnZoom: false });
+  if (!w) return;
+  w.serialize = false;
+  node.bitdance.statusElement = el;
+}
+
+function withStatusLine(nodeType, name, loaders, refresh, status) {
+  KINDS[name] = { loaders, refresh, status };
   const onDrawForeground = nodeType.prototype.onDrawForeground;
   nodeType.prototype.onDrawForeground = function (ctx) {
     const r = onDrawForeground?.apply(this, arguments);
     if (!this.bitdance || this.flags?.collapsed) return r;
-    const name = connectedQuery(this, this.comfyClass === SAMPLER ? LOADERS : { [CLASS_LOADER]: ["checkpoint"] });
-    if (name !== this.bitdance.model) refresh(this); // follows rewiring and the loader's dropdown
-    drawStatus(this, ctx, status(this));
+    const now = follow(this);
+    if (now && !this.bitdance.statusElement) drawStatus(this, ctx, now);
     return r;
   };
   const computeSize = nodeType.prototype.computeSize;
   nodeType.prototype.computeSize = function () {
     const size = computeSize.apply(this, arguments);
-    return [size[0], size[1] + 18];
+    return [size[0], size[1] + (this.bitdance?.statusElement ? 0 : 18)];
   };
+}
+
+function followAll() {
+  const graphs = new Set([app.graph, app.canvas?.graph].filter(Boolean));
+  for (const g of graphs) for (const n of g.nodes ?? g._nodes ?? []) if (n.bitdance) follow(n);
 }
 
 // --- the template browser: this pack's workflows in the order of templates.json ------------------
@@ -232,6 +297,9 @@ if (getWorkflowTemplates) api.getWorkflowTemplates = async () => orderedTemplate
 
 app.registerExtension({
   name: "BitDance.SizePresets",
+  setup() {
+    setInterval(followAll, FOLLOW_MS);
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData.name.startsWith("BitDance")) return;
 
@@ -250,8 +318,8 @@ app.registerExtension({
         const w = this.addWidget("combo", "preset", CUSTOM, (value) => {
           const p = node.bitdance.presets.find((x) => x.label === value);
           if (!p) return;
-          widget(node, "width").value = p.width;
-          widget(node, "height").value = p.height;
+          setValue(widget(node, "width"), p.width);
+          setValue(widget(node, "height"), p.height);
           node.setDirtyCanvas(true, true);
         }, { values: [CUSTOM], serialize: false });
         w.serialize = false; // not part of widgets_values: saved workflows keep the backend's layout
@@ -260,16 +328,18 @@ app.registerExtension({
           const cb = dim?.callback;
           if (dim) dim.callback = function () { const out = cb?.apply(this, arguments); syncPreset(node); return out; };
         }
+        if (vueNodes()) addStatusElement(this);
         return r;
       };
-      withStatusLine(nodeType, refreshSizes, sizeStatus);
+      withStatusLine(nodeType, SAMPLER, LOADERS, refreshSizes, sizeStatus);
     } else if (nodeData.name === CLASS_SAMPLER) {
       nodeType.prototype.onNodeCreated = function () {
         const r = onNodeCreated?.apply(this, arguments);
         this.bitdance = { model: undefined, info: null, error: null };
+        if (vueNodes()) addStatusElement(this);
         return r;
       };
-      withStatusLine(nodeType, refreshClasses, classStatus);
+      withStatusLine(nodeType, CLASS_SAMPLER, { [CLASS_LOADER]: ["checkpoint"] }, refreshClasses, classStatus);
     }
   },
 });

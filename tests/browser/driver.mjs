@@ -134,14 +134,30 @@ async function previewVsOutput(page) {
   });
 }
 
+// How the prompt the page would queue differs from an API-format workflow (empty: not at all).
+function promptDiffs(prompt, api) {
+  const diffs = [];
+  for (const [id, node] of Object.entries(api)) {
+    const got = prompt[id];
+    if (!got) { diffs.push(`node ${id} missing`); continue; }
+    if (got.class_type !== node.class_type) diffs.push(`node ${id}: ${got.class_type} != ${node.class_type}`);
+    for (const [k, v] of Object.entries(node.inputs)) {
+      if (JSON.stringify(got.inputs[k]) !== JSON.stringify(v)) diffs.push(`node ${id}.${k}: ${JSON.stringify(got.inputs[k])} != ${JSON.stringify(v)}`);
+    }
+  }
+  if (Object.keys(prompt).length !== Object.keys(api).length) diffs.push("node count differs");
+  return diffs;
+}
+
 const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ARGS });
 const result = { console_errors: [] };
 try {
   const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   page.on("pageerror", (e) => result.console_errors.push(String(e)));
-  // a returning user: no first-run template browser over the canvas
+  // a returning user: no first-run template browser over the canvas; the Vue node renderer
+  // ("Nodes 2.0") only for the "vue" mode (a setting of the server's user, so said every time)
   await fetch(cfg.url + "/settings", { method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ "Comfy.TutorialCompleted": true }) });
+    body: JSON.stringify({ "Comfy.TutorialCompleted": true, "Comfy.VueNodes.Enabled": mode === "vue" }) });
   await page.goto(cfg.url, { waitUntil: "domcontentloaded" });
   await page.waitForFunction(() => window.app?.graph && window.app?.extensionManager !== undefined, null, { timeout: 90000 });
   await page.waitForFunction(() => window.LiteGraph?.registered_node_types?.BitDanceARSampler, null, { timeout: 60000 });
@@ -177,17 +193,7 @@ try {
         await window.app.loadGraphData(ui);
         return (await window.app.graphToPrompt()).output;
       }, ui);
-      const diffs = [];
-      for (const [id, node] of Object.entries(api)) {
-        const got = prompt[id];
-        if (!got) { diffs.push(`node ${id} missing`); continue; }
-        if (got.class_type !== node.class_type) diffs.push(`node ${id}: ${got.class_type} != ${node.class_type}`);
-        for (const [k, v] of Object.entries(node.inputs)) {
-          if (JSON.stringify(got.inputs[k]) !== JSON.stringify(v)) diffs.push(`node ${id}.${k}: ${JSON.stringify(got.inputs[k])} != ${JSON.stringify(v)}`);
-        }
-      }
-      if (Object.keys(prompt).length !== Object.keys(api).length) diffs.push("node count differs");
-      result.ui_workflows[uiPath] = diffs;
+      result.ui_workflows[uiPath] = promptDiffs(prompt, api);
       result.cut_titles[uiPath] = await page.evaluate(cutTitles);
     }
 
@@ -300,6 +306,80 @@ try {
     page.on("response", (r) => { if (r.url().endsWith(".jpg") && r.url().includes("/workflow_templates/")) thumbs.push([r.status(), r.url()]); });
     result.templates = await templateCards(page, cfg.pack, cfg.template_names);
     result.thumbnail_responses = thumbs;
+  }
+
+  if (mode === "vue") {
+    // The web extension under the Vue node renderer, which paints no canvas foreground: the presets
+    // and class lists follow the model, and the status line is a text widget on the page.
+    const vueOn = await page.evaluate(() => Boolean(window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled")));
+    const statusOf = (cls) => page.evaluate((cls) => {
+      const n = window.app.graph._nodes.find((x) => x.comfyClass === cls);
+      const el = n?.bitdance?.statusElement;
+      const r = el?.getBoundingClientRect();
+      return { status: n?.bitdance?.status, colour: n?.bitdance?.statusColour, text: el?.textContent ?? null,
+               shown: Boolean(el && el.isConnected && r.width > 0 && r.height > 0 && getComputedStyle(el).visibility !== "hidden"),
+               css_colour: el ? getComputedStyle(el).color : null };
+    }, cls);
+    // waits on the extension's own timer only: nothing here redraws the canvas
+    const waitStatus = (cls, part) => page.waitForFunction(([cls, part]) => {
+      const n = window.app.graph._nodes.find((x) => x.comfyClass === cls);
+      return n?.bitdance?.statusElement?.textContent.includes(part);
+    }, [cls, part], { timeout: 30000 });
+
+    const [uiPath, apiPath] = cfg.vue_workflow;
+    const ui = JSON.parse(fs.readFileSync(uiPath, "utf8"));
+    const api = JSON.parse(fs.readFileSync(apiPath, "utf8"));
+    await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, ui);
+    await waitStatus("BitDanceARSampler", "AR steps");
+    const vue = { enabled: vueOn, first: await statusOf("BitDanceARSampler") };
+    const samplerState = () => page.evaluate(() => {
+      const n = window.app.graph._nodes.find((n) => n.comfyClass === "BitDanceARSampler");
+      const w = (name) => n.widgets.find((x) => x.name === name).value;
+      return { width: w("width"), height: w("height"), preset: w("preset"), text: n.bitdance.statusElement.textContent,
+               presets: n.bitdance.presets.map((p) => p.label) };
+    });
+    // as a user: open the preset dropdown on the page, pick 512x512
+    const before = await samplerState();
+    vue.presets = before.presets;
+    await page.getByText(before.preset, { exact: true }).first().click();
+    await page.waitForTimeout(500);
+    vue.listed = await page.evaluate(() => [...document.querySelectorAll("[role=option]")].map((e) => e.textContent.trim()));
+    await page.getByRole("option", { name: "512x512 · 64 AR steps" }).click();
+    await page.waitForTimeout(1500); // three turns of the extension's timer
+    vue.after_pick = await samplerState();
+    vue.after_pick.shown = await page.getByText("512x512 · 64 AR steps", { exact: true }).first().isVisible();
+    // typing the workflow's own size back: the preset says custom, on the page too
+    await page.evaluate(() => {
+      const n = window.app.graph._nodes.find((n) => n.comfyClass === "BitDanceARSampler");
+      for (const name of ["width", "height"]) {
+        const w = n.widgets.find((x) => x.name === name);
+        w.value = 256;
+        w.callback?.(256);
+      }
+    });
+    await page.waitForTimeout(1500);
+    vue.after_typing = await samplerState();
+    vue.after_typing.shown = await page.getByText("custom", { exact: true }).first().isVisible();
+    if (cfg.screenshot) await page.screenshot({ path: cfg.screenshot });
+    vue.prompt_diffs = promptDiffs(await page.evaluate(async () => (await window.app.graphToPrompt()).output), api);
+    vue.saved_widgets_values = await page.evaluate(() => window.app.graph.serialize().nodes
+      .filter((n) => n.type === "BitDanceARSampler").map((n) => n.widgets_values));
+    vue.ui_widgets_values = ui.nodes.filter((n) => n.type === "BitDanceARSampler").map((n) => n.widgets_values);
+    result.vue = vue;
+
+    const cls = JSON.parse(fs.readFileSync(cfg.class_workflow, "utf8"));
+    await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, cls);
+    await waitStatus("BitDanceImageNetSampler", "classes");
+    result.vue.classes = {
+      ...(await statusOf("BitDanceImageNetSampler")),
+      options: await page.evaluate(() => [...window.app.graph._nodes.find((x) => x.comfyClass === "BitDanceImageNetSampler")
+        .widgets.find((x) => x.name === "class_name").options.values]),
+    };
+
+    const missing = JSON.parse(fs.readFileSync(cfg.missing_model, "utf8"));
+    await page.evaluate(async (ui) => { await window.app.loadGraphData(ui); }, missing);
+    await waitStatus("BitDanceARSampler", "model not on disk");
+    result.vue.missing = await statusOf("BitDanceARSampler");
   }
 
   if (mode === "graphs") {

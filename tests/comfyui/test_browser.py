@@ -11,7 +11,9 @@
 - the class sampler lists the connected model's classes ("0" .. "9" for the digits model);
 - a model not on disk is shown in the sampler's status line in the warning colour;
 - no BitDance node's title is cut off;
-- the template browser shows this pack's thumbnails (served, not the 404 placeholder), demos first.
+- the template browser shows this pack's thumbnails (served, not the 404 placeholder), demos first;
+- under the Vue node renderer ("Nodes 2.0"): presets, class list and status line as above, a preset
+  picked on the page.
 
 `BITDANCE_WRITE_UI_WORKFLOWS=1 pytest tests/comfyui/test_browser.py -k write` regenerates the
 UI-format files from the API-format ones through the real frontend, the README's screenshot
@@ -180,3 +182,48 @@ def test_browser(comfy, upload_example, tmp_path):
     assert order == [e["name"] for e in templates()], order  # demo workflows (no download) first
     assert all(t["width"] == 512 for t in out["templates"]), out["templates"]
     assert out["thumbnail_responses"] and all(st == 200 for st, _ in out["thumbnail_responses"]), out["thumbnail_responses"]
+
+
+def _rgb(hex_colour: str) -> str:
+    """'#8fc' -> 'rgb(136, 255, 204)', as getComputedStyle writes it."""
+    h = hex_colour.lstrip("#")
+    h = "".join(c * 2 for c in h) if len(h) == 3 else h
+    return "rgb({}, {}, {})".format(*(int(h[i:i + 2], 16) for i in (0, 2, 4)))
+
+
+def test_browser_vue_nodes(comfy, tmp_path):
+    """The web extension under the frontend's Vue node renderer ("Nodes 2.0", Comfy.VueNodes.Enabled),
+    which calls no onDrawForeground: the sampler's presets and the class list still follow the model
+    (the extension's timer), the status line is a text widget shown on the page in its colours, a
+    preset picked on the page sets the size, and neither the preset nor the status enters the prompt
+    or the saved workflow."""
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shot = os.path.join(ARTIFACTS, "browser_vue_nodes.png")
+    out = _drive(comfy, "vue", {
+        "screenshot": shot,
+        "vue_workflow": [os.path.join(TEST_WORKFLOWS, "tiny_t2i.json"), os.path.join(TEST_WORKFLOWS, "tiny_t2i.api.json")],
+        "class_workflow": os.path.join(WORKFLOWS, "demo_digits_class.json"),
+        "missing_model": os.path.join(WORKFLOWS, "bitdance_t2i_64x_1024.json"),
+    }, tmp_path)
+    assert not out["console_errors"], out["console_errors"]
+    vue = out["vue"]
+    assert vue["enabled"] is True
+    first = vue["first"]
+    assert first["shown"] and first["text"] == first["status"] == "16 AR steps · 16 tokens per step", first
+    assert first["css_colour"] == _rgb(OK_COLOUR), first
+    assert "512x512 · 64 AR steps" in vue["presets"] and vue["listed"] == ["custom", *vue["presets"]], vue["listed"]
+    pick = vue["after_pick"]
+    assert (pick["width"], pick["height"], pick["preset"]) == (512, 512, "512x512 · 64 AR steps") and pick["shown"], pick
+    assert pick["text"] == "64 AR steps · 16 tokens per step", pick
+    typed = vue["after_typing"]
+    assert (typed["width"], typed["height"], typed["preset"]) == (256, 256, "custom") and typed["shown"], typed
+    assert typed["text"] == "16 AR steps · 16 tokens per step", typed
+    assert vue["prompt_diffs"] == [], vue["prompt_diffs"]
+    assert vue["saved_widgets_values"] == vue["ui_widgets_values"], vue["saved_widgets_values"]
+    classes = vue["classes"]
+    assert classes["options"] == [str(i) for i in range(10)] and classes["text"] == "10 classes", classes
+    assert classes["shown"] and classes["css_colour"] == _rgb(OK_COLOUR), classes
+    missing = vue["missing"]
+    assert missing["text"] == "model not on disk: BitDance-14B-64x" and missing["shown"], missing
+    assert missing["css_colour"] == _rgb(WARNING_COLOUR), missing
+    assert os.path.getsize(shot) > 10_000
