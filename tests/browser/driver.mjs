@@ -342,10 +342,14 @@ try {
     const before = await samplerState();
     vue.presets = before.presets;
     await page.getByText(before.preset, { exact: true }).first().click();
-    await page.waitForTimeout(500);
+    await page.getByRole("option", { name: "512x512 · 64 AR steps" }).waitFor({ timeout: 30000 });
     vue.listed = await page.evaluate(() => [...document.querySelectorAll("[role=option]")].map((e) => e.textContent.trim()));
+    // the status follows on the extension's timer: waited for (30 s at most, then read as it is)
+    const statusSays = (part) => page.waitForFunction((part) => window.app.graph._nodes
+      .find((n) => n.comfyClass === "BitDanceARSampler").bitdance.statusElement.textContent.startsWith(part),
+      part, { timeout: 30000 }).catch(() => null);
     await page.getByRole("option", { name: "512x512 · 64 AR steps" }).click();
-    await page.waitForTimeout(1500); // three turns of the extension's timer
+    await statusSays("64 AR steps");
     vue.after_pick = await samplerState();
     vue.after_pick.shown = await page.getByText("512x512 · 64 AR steps", { exact: true }).first().isVisible();
     // typing the workflow's own size back: the preset says custom, on the page too
@@ -357,7 +361,7 @@ try {
         w.callback?.(256);
       }
     });
-    await page.waitForTimeout(1500);
+    await statusSays("16 AR steps");
     vue.after_typing = await samplerState();
     vue.after_typing.shown = await page.getByText("custom", { exact: true }).first().isVisible();
     if (cfg.screenshot) await page.screenshot({ path: cfg.screenshot });
