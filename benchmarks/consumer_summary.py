@@ -3,32 +3,28 @@
 usage: python benchmarks/consumer_summary.py OUT_DIR
 """
 import glob
-import json
 import os
 import sys
 
+from summary_files import load_json, load_jsonl
+
 GIB = 1 << 30
-
-
-def _load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _gib(n):
     return f"{n / GIB:.2f}" if isinstance(n, (int, float)) else "-"
 
 
+def cap_runs(out):
+    """(cap in GiB as the file names it, its bench JSON or None), largest cap first."""
+    files = sorted(glob.glob(os.path.join(out, "cap*.json")), key=lambda p: -float(os.path.basename(p)[3:-5]))
+    return [(os.path.basename(p)[3:-5], load_json(p)) for p in files]
+
+
 def caps(out):
     lines = ["memory caps (weights/offload auto):",
              f"  {'cap GiB':>7}  {'choice':<34} {'s/image':>8}  {'peak GiB (alloc/reserved)':>26}  {'planned GiB':>11}  note"]
-    files = sorted(glob.glob(os.path.join(out, "cap*.json")), key=lambda p: -float(os.path.basename(p)[3:-5]))
-    for path in files:
-        cap = os.path.basename(path)[3:-5]
-        r = _load(path)
+    for cap, r in cap_runs(out):
         if not r:
             lines.append(f"  {cap:>7}  (no result: timed out or failed before writing; see log.txt)")
             continue
@@ -55,16 +51,9 @@ def caps(out):
 
 
 def sweep(out):
-    path = os.path.join(out, "fp8_sweep.jsonl")
-    if not os.path.exists(path):
+    recs = load_jsonl(os.path.join(out, "fp8_sweep.jsonl"))
+    if not recs:
         return ["fp8 sweep: no results"]
-    recs = []
-    with open(path) as f:
-        for line in f:
-            try:
-                recs.append(json.loads(line))
-            except ValueError:
-                pass
     lines = ["fp8 sweep (s/image; x = against the first variant at the same run):"]
     base = {}
     for r in recs:
@@ -83,7 +72,7 @@ def sweep(out):
 
 
 def stream(out):
-    r = _load(os.path.join(out, "stream.json"))
+    r = load_json(os.path.join(out, "stream.json"))
     if not r:
         return ["stream: no result (timed out or failed; see log.txt)"]
     fast = r.get("fast") or {}
@@ -99,20 +88,6 @@ def stream(out):
 FP8_TARGET_S = 2.5  # issue 10: fp8 weights, 14B-64x 1024x1024, one image (the sweep runs without the decode)
 FP8_PEAK_GIB = 18.0
 Q4_PEAK_GIB = 11.0  # 4-bit weights at 14B-64x 1024x1024 on a 12 GB card
-
-
-def _sweep_records(out):
-    recs = []
-    try:
-        with open(os.path.join(out, "fp8_sweep.jsonl")) as f:
-            for line in f:
-                try:
-                    recs.append(json.loads(line))
-                except ValueError:
-                    pass
-    except OSError:
-        pass
-    return [r for r in recs if "s_per_image" in r]
 
 
 def pick_auto_path(recs):
@@ -151,15 +126,14 @@ def pick_auto_path(recs):
 def targets(out):
     """Issue 10's GPU targets, each met or not, and the fp8 path for `auto`."""
     lines = ["targets (issue 10):"]
-    for path in sorted(glob.glob(os.path.join(out, "cap*.json")), key=lambda p: -float(os.path.basename(p)[3:-5])):
-        cap, r = os.path.basename(path)[3:-5], _load(path)
+    for cap, r in cap_runs(out):
         done = bool(r) and not r.get("error") and "s_per_image" in (r.get("fast") or {})
         line = f"  cap {cap} GiB: {'completed' if done else 'DID NOT COMPLETE'}"
         if done and (r.get("decision") or {}).get("weights") == "4bit":
             peak = r.get("peak_memory_bytes") or 0
             line += f"; 4-bit peak {_gib(peak)} GiB (<= {Q4_PEAK_GIB:g}: {'met' if peak <= Q4_PEAK_GIB * GIB else 'NOT met'})"
         lines.append(line)
-    recs = _sweep_records(out)
+    recs = [r for r in load_jsonl(os.path.join(out, "fp8_sweep.jsonl")) if "s_per_image" in r]
     one = [r for r in recs if r["images"] == 1 and r["variant"].startswith("fp8:")]
     if one:
         best = min(one, key=lambda r: r["s_per_image"])

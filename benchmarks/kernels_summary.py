@@ -22,31 +22,11 @@ import json
 import os
 import sys
 
+from summary_files import load_json, load_jsonl
+
 TARGETS = {"64x_1x1024": 4.0, "64x_8x1024": 2.5, "16x_1x1024": 14.0}
 MIN_GAIN = 0.02  # a lever counts as faster when it saves at least 2% of the baseline's s/image
 BLOCKS_1024 = {"64x": 64, "16x": 256}
-
-
-def _load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _jsonl(path):
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-    except OSError:
-        pass
-    return out
 
 
 def _ms(x):
@@ -54,7 +34,7 @@ def _ms(x):
 
 
 def profile_lines(out):
-    p = _load(os.path.join(out, "profile.json"))
+    p = load_json(os.path.join(out, "profile.json"))
     if not p:
         return ["1. profile: no results (see log.txt)"]
     lines = [f"1. profile ({p.get('shape')}, {p['size'][0]}x{p['size'][1]}, {p['steps']} steps, cfg {p['cfg']}; "
@@ -78,7 +58,7 @@ def profile_lines(out):
 
 
 def gemm_lines(out):
-    recs = _jsonl(os.path.join(out, "gemm.jsonl"))
+    recs = load_jsonl(os.path.join(out, "gemm.jsonl"))
     if not recs:
         return ["2. GEMMs: no results"]
     head = recs[0]
@@ -115,7 +95,7 @@ def _timed(recs, images=1):
 
 
 def lever_lines(out):
-    recs = _jsonl(os.path.join(out, "levers.jsonl"))
+    recs = load_jsonl(os.path.join(out, "levers.jsonl"))
     if not recs:
         return ["3. levers: no results"]
     lines = ["3. levers, one at a time (x: against the baseline 'as-is' at the same run; bits: against the eager path)"]
@@ -136,7 +116,7 @@ def lever_lines(out):
 
 def best_levers(out) -> str:
     """The combination to try (see the module docstring)."""
-    recs = _timed(_jsonl(os.path.join(out, "levers.jsonl")))
+    recs = _timed(load_jsonl(os.path.join(out, "levers.jsonl")))
     base = next((r for r in recs if r["variant"] == "as-is"), None)
     if base is None:
         return ""
@@ -182,8 +162,8 @@ def _derived(rec, blocks, decode_s=None):
 
 def target_lines(out, summary):
     lines = ["4. targets (H200, 1024x1024, 50 steps, cfg 7.5; best combination against today's fast mode, same process)"]
-    r64 = [r for r in _jsonl(os.path.join(out, "targets64.jsonl")) if "s_per_image" in r]
-    r16 = _timed(_jsonl(os.path.join(out, "targets16.jsonl")), 1)
+    r64 = [r for r in load_jsonl(os.path.join(out, "targets64.jsonl")) if "s_per_image" in r]
+    r16 = _timed(load_jsonl(os.path.join(out, "targets16.jsonl")), 1)
     decode_1024 = next((r["decode_s"] for r in r64 if r["images"] == 1 and r["height"] == 1024 and r.get("decode_s")), None)
     batch = max([r["images"] for r in r64 if r["images"] > 1], default=8)  # 8 on the GPU
     rows = []
@@ -222,7 +202,7 @@ def target_lines(out, summary):
 
 
 def graph_lines(out, summary):
-    recs = _jsonl(os.path.join(out, "levers.jsonl"))
+    recs = load_jsonl(os.path.join(out, "levers.jsonl"))
     ref = next((r for r in _timed(recs) if r["variant"].startswith("reference")), None)
     base = next((r for r in _timed(recs) if r["variant"] == "as-is"), None)
     lines = ["5. cuda_graphs (off by default in the loaders until measured safe)"]
