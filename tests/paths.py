@@ -79,3 +79,17 @@ def compare_with_official(tokens_npy, ref_tokens, pixels_npy, ref_pixels_npy):
     assert pixels.dtype == np.uint8 and pixels.shape == ref_pixels.shape
     return np.abs(pixels.astype(int) - ref_pixels.astype(int))
 
+
+def run_pytest(*args, env: dict, timeout: int):
+    """`pytest -q ARGS` in a new process from the repo, for tests that run others under settings fixed
+    when a process starts (CPU instruction set, CUDA allocator). Returns (the completed process, how
+    many tests passed: 0 unless its summary line reports passes and no failure or error)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:logging", *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    lines = r.stdout.strip().splitlines()
+    summary = lines[-1] if lines else ""
+    clean = " passed" in summary and "failed" not in summary and "error" not in summary
+    return r, int(summary.split(" passed")[0].split()[-1]) if clean else 0

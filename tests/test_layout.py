@@ -188,14 +188,12 @@ def test_architecture_lists_every_module_exactly():
     assert sorted(listed - on_disk) == [], "ARCHITECTURE.md lists modules that do not exist"
 
 
-@pytest.mark.parametrize("weights", ["as-is", "fp8"])
-@pytest.mark.parametrize("fixture", fixture_dirs("t2i-tiny"))
-def test_a_load_reads_each_config_file_once(fixture, weights, monkeypatch):
-    """The loader's path (plan, then load as planned) opens each of the three config files once."""
-    from bitdance_core.runtime import load_planned, plan_for
+CONFIG_FILES = ("config.json", "vision_head_config.json", "ae_config.json")
 
-    model = os.path.join(fixture, "model")
-    configs = {os.path.realpath(os.path.join(model, f)) for f in ("config.json", "vision_head_config.json", "ae_config.json")}
+
+def _count_config_opens(model: str, monkeypatch) -> list[str]:
+    """The names of the model folder's config files each time one is opened from now on (builtins.open)."""
+    configs = {os.path.realpath(os.path.join(model, f)) for f in CONFIG_FILES}
     opened = []
     real_open = builtins.open
 
@@ -205,6 +203,17 @@ def test_a_load_reads_each_config_file_once(fixture, weights, monkeypatch):
         return real_open(file, *a, **kw)
 
     monkeypatch.setattr(builtins, "open", counting_open)
+    return opened
+
+
+@pytest.mark.parametrize("weights", ["as-is", "fp8"])
+@pytest.mark.parametrize("fixture", fixture_dirs("t2i-tiny"))
+def test_a_load_reads_each_config_file_once(fixture, weights, monkeypatch):
+    """The loader's path (plan, then load as planned) opens each of the three config files once."""
+    from bitdance_core.runtime import load_planned, plan_for
+
+    model = os.path.join(fixture, "model")
+    opened = _count_config_opens(model, monkeypatch)
     decision = plan_for(model, None, device="cpu", height=64, width=64, weights=weights)
     pipe, _ = load_planned(model, decision, "cpu")
     assert pipe.parallel_num >= 1
@@ -218,16 +227,7 @@ def test_the_loader_node_path_reads_each_config_file_once(fixture, monkeypatch):
     from bitdance_core.runtime import load_planned, plan_for
 
     model = os.path.join(fixture, "model")
-    configs = {os.path.realpath(os.path.join(model, f)) for f in ("config.json", "vision_head_config.json", "ae_config.json")}
-    opened = []
-    real_open = builtins.open
-
-    def counting_open(file, *a, **kw):
-        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) in configs:
-            opened.append(os.path.basename(file))
-        return real_open(file, *a, **kw)
-
-    monkeypatch.setattr(builtins, "open", counting_open)
+    opened = _count_config_opens(model, monkeypatch)
     source = read_t2i_configs(model)
     assert describe_t2i(source).parallel_num >= 1
     pipe, _ = load_planned(source, plan_for(source, None, device="cpu", height=64, width=64), "cpu")

@@ -28,6 +28,7 @@ const LOADERS = {
 };
 const CLASS_SAMPLER = "BitDanceImageNetSampler";
 const CLASS_LOADER = "BitDanceImageNetLoader";
+const CLASS_LOADERS = { [CLASS_LOADER]: ["checkpoint"] }; // the class sampler's loader -> the widget naming its model
 const CUSTOM = "custom";
 const OK_COLOUR = "#8fc";
 const WARNING_COLOUR = "#fb3";
@@ -163,7 +164,7 @@ function sizeStatus(node) {
 
 // --- class sampler: the model's classes ---------------------------------------------------------
 async function refreshClasses(node) {
-  const name = connectedQuery(node, { [CLASS_LOADER]: ["checkpoint"] });
+  const name = connectedQuery(node, CLASS_LOADERS);
   node.bitdance.model = name;
   if (!name) return;
   const info = await fetchInfo("imagenet_info", name);
@@ -339,7 +340,7 @@ app.registerExtension({
         if (vueNodes()) addStatusElement(this);
         return r;
       };
-      withStatusLine(nodeType, CLASS_SAMPLER, { [CLASS_LOADER]: ["checkpoint"] }, refreshClasses, classStatus);
+      withStatusLine(nodeType, CLASS_SAMPLER, CLASS_LOADERS, refreshClasses, classStatus);
     }
   },
 });
