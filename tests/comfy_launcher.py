@@ -4,7 +4,10 @@ PyPI's torchvision wheel is a CUDA build; beside the CPU build of torch its C++ 
 register and ``import torchvision`` dies with ``operator torchvision::nms does not exist`` (its
 Python side registers fake kernels for ops whose schemas the C++ library would have defined).
 Defining the two schemas it needs before the first import is enough for ComfyUI, which never
-calls them. Usage: ``python tests/comfy_launcher.py <comfyui dir> [main.py args...]``.
+calls them. A torch and torchvision of the same build (both CUDA, as PyPI gives them together)
+load their operators themselves: there the schemas are left alone, since torchvision's C++ library
+aborts the process when it finds them already defined.
+Usage: ``python tests/comfy_launcher.py <comfyui dir> [main.py args...]``.
 """
 
 import os
@@ -12,9 +15,24 @@ import runpy
 import sys
 
 
+def _torchvision_needs_schemas() -> bool:
+    """A CPU build of torch beside a torchvision that is not one (PyPI's default wheel is CUDA's)."""
+    import importlib.metadata as md
+
+    import torch
+
+    try:
+        tv = md.version("torchvision")
+    except md.PackageNotFoundError:
+        return False
+    return torch.version.cuda is None and "+cpu" not in tv
+
+
 def _define_torchvision_schemas() -> None:
     import torch
 
+    if not _torchvision_needs_schemas():
+        return
     lib = torch.library.Library("torchvision", "FRAGMENT")
     for schema in (
         "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",

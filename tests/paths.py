@@ -93,3 +93,12 @@ def run_pytest(*args, env: dict, timeout: int):
     summary = lines[-1] if lines else ""
     clean = " passed" in summary and "failed" not in summary and "error" not in summary
     return r, int(summary.split(" passed")[0].split()[-1]) if clean else 0
+
+
+def cpu_fp8_path(mode: str) -> str:
+    """The path an fp8 linear asked for a scaled-mm `mode` takes on this PyTorch's CPU (Fp8Linear.last_path):
+    the mode itself where torch._scaled_mm takes row-wise scales on the CPU (torch 2.13), else the stated
+    fallback (torch 2.11, the GPU machine's version)."""
+    from bitdance_core.formats import fp8_matmul
+
+    return mode if fp8_matmul.cpu_scaled_mm_takes_row_scales() else f"dequant ({fp8_matmul.NO_CPU_ROW_SCALES})"

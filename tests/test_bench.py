@@ -10,6 +10,7 @@ import torch
 
 from bitdance_core.cli.bench import BenchConfig, format_report, run_bench
 from bitdance_core.cli.synthetic import custom_shape
+from paths import cpu_fp8_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
@@ -79,7 +80,7 @@ def test_sweep_times_each_variant_on_the_same_weights(tmp_path):
     assert timed[:6] == [("as-is", 1), ("as-is", 2), ("fp8:dequant", 1), ("fp8:dequant", 2), ("fp8:scaled_mm", 1), ("fp8:scaled_mm", 2)]
     assert all(x["s_per_image"] > 0 and x["blocks"] == (4 if x["images"] == 1 else 1) for x in lines if "s_per_image" in x)
     sm = [x for x in lines if x["variant"] == "fp8:scaled_mm"]
-    assert all(x["fp8_matmul_report"]["paths"] == {"scaled_mm": r["fp8_linears"]} for x in sm)  # bf16: no fallback
+    assert all(x["fp8_matmul_report"]["paths"] == {cpu_fp8_path("scaled_mm"): r["fp8_linears"]} for x in sm)  # bf16: no fallback of its own
     ao = [x for x in lines if x["variant"] == "fp8:torchao"]
     from bitdance_core.formats.fp8_matmul import torchao_available
     if torchao_available():

@@ -120,3 +120,21 @@ def test_every_option_the_docs_show_exists():
                     wrong.append(f"{os.path.relpath(path, REPO)}: {command} {flag}")
     assert not wrong, "documented options that the commands do not have:\n" + "\n".join(wrong)
     assert seen > 50, seen  # the docs do show options: the search found them
+
+
+def test_pyproject_declares_what_requirements_txt_installs():
+    """ComfyUI-Manager installs requirements.txt; the registry (comfy-cli) reads pyproject.toml's
+    dependencies. A user must get the same packages both ways (gguf for 4-bit weights, say)."""
+    import tomllib
+
+    def names(specs):
+        return {re.split(r"[<>=!~ \[;]", s.strip(), maxsplit=1)[0].lower().replace("_", "-"): s.strip()
+                for s in specs if s.strip() and not s.strip().startswith("#")}
+
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        required = names(f.read().splitlines())
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        declared = names(tomllib.load(f)["project"]["dependencies"])
+    assert "gguf" in required and "safetensors" in required, required
+    assert declared == required, (f"pyproject.toml's dependencies {sorted(declared.values())} differ from "
+                                  f"requirements.txt {sorted(required.values())}")

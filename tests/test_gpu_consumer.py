@@ -14,6 +14,7 @@ from bitdance_core.cli.bench import BenchConfig, format_report, run_bench
 from bitdance_core.cli.synthetic import custom_shape
 from bitdance_core.errors import BitDanceError
 from bitdance_core.runtime.fitting import plan_for
+from paths import cpu_fp8_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1 << 30
@@ -102,7 +103,7 @@ def test_gpu_consumer_script_dry_run(tmp_path):
     assert [(r["variant"], r["images"], r["height"]) for r in recs] == [
         (v, n, s) for v in ("as-is", "fp8:dequant", "fp8:scaled_mm") for n, s in ((1, 128), (2, 64))]
     assert all(r["s_per_image"] > 0 for r in recs)
-    assert all(r["fp8_matmul_report"]["paths"] == {"scaled_mm": r["fp8_matmul_report"]["layers"]}
+    assert all(r["fp8_matmul_report"]["paths"] == {cpu_fp8_path("scaled_mm"): r["fp8_matmul_report"]["layers"]}
                for r in recs if r["variant"] == "fp8:scaled_mm")
     # 3. streaming, with its host copies reported
     st = json.loads((out / "stream.json").read_text())

@@ -280,7 +280,7 @@ def test_check_generation_catches_a_batch_the_load_does_not_fit():
     assert not chk.fits and chk.plan.peak_bytes == peak(8) > chk.usable_bytes
     k = chk.max_images
     assert 1 <= k < 8 and peak(k) <= chk.usable_bytes < peak(k + 1)
-    assert f"8 images of 128x128 at cfg 4 needs" in chk.message and f"at most {k} image" in chk.message
+    assert "8 images of 128x128 at cfg 4 needs" in chk.message and f"at most {k} image" in chk.message
     assert "as-is weights, offload none" in chk.message
     assert "no weights/offload setting fits it" in chk.message  # the tiny model's weights are not what fills it
     assert check_generation(pipe, d, 128, 128, k, 4.0, free, prompt=tokens).fits

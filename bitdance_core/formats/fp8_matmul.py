@@ -26,6 +26,8 @@ torchao) or that fails is replaced by `dequant` for that layer; the layer record
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +67,25 @@ def resolve(mode: str, device) -> str:
     return AUTO_ON_FP8_GPUS if has_fp8_tensor_cores(device) else "dequant"
 
 
+NO_CPU_ROW_SCALES = ("this PyTorch's CPU torch._scaled_mm takes one scale per tensor, not one per row "
+                     "(torch 2.11 does not, 2.13 does)")
+
+
+@functools.cache
+def cpu_scaled_mm_takes_row_scales() -> bool:
+    """Whether torch._scaled_mm on the CPU takes row-wise scales (a newer PyTorch's does). Asked once,
+    with a 16x16 product, so that an older one's CPU gives a stated reason rather than a caught
+    internal assert. (On CUDA the first call of each layer says: a failure falls back, with its reason.)"""
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    a = torch.zeros(16, 16, dtype=FP8)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except Exception:
+        return False
+    return True
+
+
 def torchao_available() -> bool:
     try:
         import torchao  # noqa: F401
@@ -85,6 +106,8 @@ def unsupported(mode: str, x: torch.Tensor, in_features: int, out_features: int)
         return f"{in_features}x{out_features} is not a multiple of 16"
     if mode != "weight_only_compiled" and not hasattr(torch, "_scaled_mm"):
         return "this PyTorch has no torch._scaled_mm"
+    if mode in ("scaled_mm", "scaled_mm_compiled") and x.device.type == "cpu" and not cpu_scaled_mm_takes_row_scales():
+        return NO_CPU_ROW_SCALES
     if mode == "torchao" and not torchao_available():
         return "torchao is not installed"
     return None
@@ -101,10 +124,11 @@ def dequant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
         w.mul_(scale.to(dtype)[:, None])
         return F.linear(x, w, None if bias is None else bias.to(dtype))
     y = F.linear(x.to(dtype), q.to(dtype))
-    y = y * scale.to(dtype)
-    if bias is not None:
-        y = y + bias.to(dtype)
-    return y
+    if bias is None:
+        return y * scale.to(dtype)
+    # scale and bias in one kernel, rounded once (as a GEMM epilogue would): two bf16 roundings made
+    # exact zeros (y == -bias) common enough to leave a 0 "bit" after the sampler's sign()
+    return torch.addcmul(bias.to(dtype), y, scale.to(dtype))
 
 
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
