@@ -1,14 +1,22 @@
 """The process group of a `torchrun` launch (its RANK / WORLD_SIZE / LOCAL_RANK environment), or a
 group of one when the command runs on its own.
 
-NCCL between GPUs (each process on its own GPU: cuda:LOCAL_RANK), gloo on the CPU. Only small Python
-objects travel (the work list, the end summary): the images go to a shared folder, not through here.
+NCCL between GPUs (each process on its own GPU: cuda:LOCAL_RANK), gloo on the CPU. Only small
+JSON-able objects travel (the work list, the end summary), as UTF-8 bytes in uint8 tensors: the images
+go to a shared folder, not through here.
+
+Why not `broadcast_object_list` / `all_gather_object`: they pickle, and their tensors are made and
+dropped inside them. On the CPU, gloo's worker threads then free those tensors after the collective
+returns, which needs the GIL; on torch 2.7 `destroy_process_group` joins those threads while holding
+it, and about 4 runs in 10 hung there (rank 1 in ~ProcessGroupGloo, rank 0 already gone). Here the
+tensors stay referenced until the group is destroyed, so no worker ever frees one: 0 hangs in 30.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +33,8 @@ class ProcessGroup:
     world: int
     local_rank: int
     joined: bool  # a torch.distributed group was started (more than one process)
+    comm_device: str = "cpu"  # where the collectives' tensors live: the process's GPU under NCCL
+    _held: list = field(default_factory=list, repr=False)  # every tensor a collective saw, until close()
 
     @property
     def tag(self) -> str:
@@ -36,25 +46,49 @@ class ProcessGroup:
         else the one asked for."""
         return f"cuda:{self.local_rank}" if self.joined and torch.device(requested).type == "cuda" else requested
 
+    def _encode(self, obj) -> torch.Tensor:
+        data = json.dumps(obj).encode()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.comm_device)
+
+    @staticmethod
+    def _decode(buf: torch.Tensor, n: int):
+        return json.loads(bytes(buf[:n].cpu().numpy()).decode())
+
+    def _size(self, n: int) -> torch.Tensor:
+        return torch.tensor([n], dtype=torch.long, device=self.comm_device)
+
     def broadcast(self, obj):
-        """Rank 0's `obj` on every rank."""
+        """Rank 0's `obj` on every rank (JSON: tuples arrive as lists, keys as strings)."""
         if not self.joined:
             return obj
         import torch.distributed as dist
 
-        box = [obj if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        data = self._encode(obj) if self.rank == 0 else None
+        size = self._size(0 if data is None else data.numel())
+        dist.broadcast(size, src=0)
+        n = int(size.item())
+        buf = data if data is not None else torch.empty(n, dtype=torch.uint8, device=self.comm_device)
+        dist.broadcast(buf, src=0)
+        self._held += [size, buf]
+        return self._decode(buf, n)
 
     def gather(self, obj) -> list:
-        """Every rank's `obj`, in rank order (on every rank)."""
+        """Every rank's `obj`, in rank order (on every rank; JSON as in `broadcast`)."""
         if not self.joined:
             return [obj]
         import torch.distributed as dist
 
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
+        data = self._encode(obj)
+        size = self._size(data.numel())
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        ns = [int(s.item()) for s in sizes]
+        buf = torch.zeros(max(ns), dtype=torch.uint8, device=self.comm_device)
+        buf[:data.numel()] = data
+        bufs = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(bufs, buf)
+        self._held += [data, size, *sizes, buf, *bufs]
+        return [self._decode(b, n) for b, n in zip(bufs, ns)]
 
     def close(self) -> None:
         if self.joined:
@@ -62,6 +96,7 @@ class ProcessGroup:
 
             dist.destroy_process_group()
             self.joined = False
+        self._held.clear()  # only now: see the module's docstring
 
 
 def join(device_type: str) -> ProcessGroup:
@@ -85,4 +120,4 @@ def join(device_type: str) -> ProcessGroup:
                                 "start at most as many processes per node as it has GPUs (--nproc_per_node)")
         torch.cuda.set_device(local_rank)  # before NCCL: each process talks from its own GPU
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
-    return ProcessGroup(rank, world, local_rank, True)
+    return ProcessGroup(rank, world, local_rank, True, f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
