@@ -87,7 +87,7 @@ class ProcessGroup:
         buf[:data.numel()] = data
         bufs = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(bufs, buf)
-        self._held += [data, size, *sizes, buf, *bufs]
+        self._held += [size, *sizes, buf, *bufs]
         return [self._decode(b, n) for b, n in zip(bufs, ns)]
 
     def close(self) -> None:
