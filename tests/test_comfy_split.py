@@ -220,6 +220,77 @@ def test_missing_keys_and_other_files_are_named(split_sets, tmp_path):
         read_split_configs(paths["main_model"], ckpt, paths["vae"])
 
 
+def _unread_warnings(record) -> str:
+    return "\n".join(str(w.message) for w in record if "does not use are left unread" in str(w.message))
+
+
+def test_keys_the_model_does_not_use_are_left_unread_aloud(split_sets, tmp_path):
+    """What the loader of the pack that made the community files tolerates loads here too (it strips
+    prefixes per key, drops strays, and loads the text encoder non-strictly): a text encoder under
+    `text_encoder.` with a bare lm_head, older ComfyUI `.scale_input` siblings and a stray rotary
+    buffer; a main model with a stray key; a VAE under `vae.` with a stray key. The tokens stay the
+    official ones, every stray key is named on the console, and lm_head and the activation scales
+    (which no loader reads) are not."""
+    fx = FIXTURES[0]
+    paths = split_sets[fx]["fp32"]
+    te = load_file(paths["text_encoder"])
+    lm_head = te.pop("lm_head.weight", torch.zeros(2, te["model.embed_tokens.weight"].shape[1]))
+    te = {"text_encoder." + k: v for k, v in te.items()}
+    te["lm_head.weight"] = lm_head
+    te["text_encoder.model.rotary_emb.inv_freq"] = torch.ones(4)
+    te["text_encoder.model.layers.0.mlp.up_proj.scale_input"] = torch.ones(())
+    main = load_file(paths["main_model"])
+    main["model.diffusion_model.stray.weight"] = torch.zeros(3)
+    vae = {"vae." + k: v for k, v in load_file(paths["vae"]).items()}
+    vae["model_ema.decay"] = torch.ones(())
+    out = {}
+    for slot, sd in (("main_model", main), ("text_encoder", te), ("vae", vae)):
+        out[slot] = str(tmp_path / os.path.basename(paths[slot]))
+        save_file(sd, out[slot])
+    shutil.copy(paths["tokenizer"], out["text_encoder"][: -len(".safetensors")] + "_tokenizer.json")
+
+    with pytest.warns(UserWarning) as record:
+        cfg = read_split_configs(*_files(out))
+        pipe = load_split(cfg, dtype=torch.float32, weights="as-is")
+    said = _unread_warnings(record)
+    assert f"{out['main_model']}: 1 key(s)" in said and "model.diffusion_model.stray.weight" in said, said
+    assert f"{out['text_encoder']}: 1 key(s)" in said and "model.rotary_emb.inv_freq" in said, said
+    assert f"{out['vae']}: 1 key(s)" in said and "model_ema.decay" in said, said
+    assert "lm_head" not in said and "scale_input" not in said, said
+    case = _cases(fx)[0]
+    p = json.load(open(os.path.join(fx, case, "params.json")))
+    ref = fixture_tokens_raster(os.path.join(fx, case))
+    bits = _generate(pipe, p).numpy()
+    assert bits.shape == ref.shape and int((bits != ref).sum()) == 0, f"{case}: differs from the official tokens"
+
+
+@pytest.mark.parametrize("weights", ["as-is", "fp8"])
+def test_a_scale_is_read_per_output_channel_in_every_weights_mode(split_sets, tmp_path, weights):
+    """An fp8 weight's scale stored as [1, out] is per output channel whichever way the file is read
+    (the square projector.fc2 would take it per input column if it were broadcast as stored); a
+    block-wise scale is refused with the file and the key named, not a broadcasting error."""
+    paths = split_sets[FIXTURES[0]]["fp8"]
+    main = load_file(paths["main_model"])
+    w = main["projector.fc2.weight"].float()
+    assert w.shape[0] == w.shape[1], "the test needs the square projector.fc2"
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(w.shape[0], generator=g) + 0.5
+    main["projector.fc2.weight"] = (w / w.abs().amax()).mul(400).to(FP8)
+    main["projector.fc2.weight_scale"] = scale.reshape(1, -1)
+    odd = str(tmp_path / "row_scale_main.safetensors")
+    save_file(main, odd)
+    cfg = read_split_configs(odd, paths["text_encoder"], paths["vae"])
+    pipe = load_split(cfg, dtype=torch.float32, weights=weights)
+    want = main["projector.fc2.weight"].float() * scale[:, None]
+    assert torch.equal(pipe.projector.fc2.weight, want)
+
+    main["projector.fc2.weight_scale"] = torch.ones(w.shape[0], 2)
+    save_file(main, odd)
+    with pytest.raises(BitDanceError, match=r"row_scale_main.safetensors: 'projector.fc2.weight': scale of shape \[\d+, 2\] "
+                                            r"is neither per-tensor nor per-output-channel"):
+        load_split(read_split_configs(odd, paths["text_encoder"], paths["vae"]), dtype=torch.float32, weights=weights)
+
+
 # ---- the planner and the planned load, as for a model folder -----------------------------------
 
 def test_plan_for_split_files_decides_as_for_the_folder(split_sets):

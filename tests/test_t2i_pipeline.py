@@ -159,6 +159,27 @@ def test_truncated_safetensors(tmp_path):
         load_t2i(str(m))
 
 
+def test_a_complete_file_that_safetensors_cannot_read_is_not_called_truncated(tmp_path):
+    """A file whose size is what its header says, holding a dtype the installed safetensors does not
+    know (as F8_E8M0 is to safetensors 0.4): the message names the file, says it is complete and lists
+    its dtypes, instead of advising a new download."""
+    m = copy_model(tmp_path)
+    f = m / "projector.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = sorted(k for k in header if k != "__metadata__")[0]
+    header[key]["dtype"] = "Q7"
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # same length: the offsets stay right
+    assert len(raw) == n
+    f.write_bytes(data[:8] + raw + data[8 + n:])
+    with pytest.raises(BitDanceError) as e:
+        load_t2i(str(m))
+    msg = str(e.value)
+    assert msg.startswith(str(f)) and "not truncated" in msg and "Q7" in msg, msg
+    assert "download it again" not in msg, msg
+
+
 def test_wrong_shape(tmp_path):
     m = copy_model(tmp_path)
     sd = load_file(str(m / "projector.safetensors"))

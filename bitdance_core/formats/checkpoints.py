@@ -83,7 +83,7 @@ def open_safetensors(paths: Iterable[str]) -> TensorSource:
     for path in paths:
         if not os.path.isfile(path):
             raise BitDanceError(f"missing file: {path}")
-        _check_size(path)
+        header = _check_size(path)
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for k in f.keys():
@@ -92,12 +92,17 @@ def open_safetensors(paths: Iterable[str]) -> TensorSource:
         except BitDanceError:
             raise
         except Exception as e:
-            raise BitDanceError(f"{path}: not a readable safetensors file ({e}); it is truncated or not safetensors, download it again") from e
+            import safetensors
+
+            dtypes = sorted({v.get("dtype", "?") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)})
+            raise BitDanceError(f"{path}: safetensors {safetensors.__version__} cannot read it ({e}). Its size is what its "
+                                f"header says, so it is not truncated; it holds the dtypes {dtypes}: a newer safetensors "
+                                "may read it (pip install -U safetensors), else the file is not a valid safetensors file") from e
     return src
 
 
-def _check_size(path: str) -> None:
-    """A safetensors file must be exactly header + the data the header describes."""
+def _check_size(path: str) -> dict:
+    """A safetensors file must be exactly header + the data the header describes; returns the header."""
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -114,6 +119,7 @@ def _check_size(path: str) -> None:
     actual = os.path.getsize(path)
     if actual < expected:
         raise BitDanceError(f"{path}: truncated safetensors file: {actual} bytes, the header describes {expected}; download it again")
+    return header
 
 
 def open_sharded(folder: str, stem: str = "model") -> TensorSource:

@@ -34,8 +34,9 @@ FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "
                                                 "float8_e5m2fnuz") if hasattr(torch, n))
 # Spellings of a weight's dequantisation scale in fp8 files (x ≈ q * scale), for the weight key `<p>.weight`.
 SCALE_SUFFIXES = (".weight_scale", ".weight.scale", ".scale_weight", ".weight_scales")
-# Keys that carry no weight: activation scales of scaled-mm exports, ComfyUI's quantisation metadata.
-AUX_SUFFIXES = (".input_scale", ".comfy_quant")
+# Keys that carry no weight: activation scales (of scaled-mm exports, and ComfyUI's older scaled-fp8
+# files beside `.scale_weight`), ComfyUI's quantisation metadata.
+AUX_SUFFIXES = (".input_scale", ".scale_input", ".comfy_quant")
 AUX_KEYS = ("scaled_fp8",)
 
 
@@ -265,6 +266,8 @@ class Fp8Source:
         t = self._raw(self.names[key])
         if t.dtype in FP8_DTYPES:
             scale = self._raw(self.scale_of[key]) if key in self.scale_of else None
+            if scale is not None and t.dim():  # as read_fp8 reads it: per tensor or per output channel, else refused
+                scale = per_channel_scale(scale, t.shape[0], f"{self.origin}: '{self.names[key]}'")
             t = dequantize_fp8(t, scale, torch.float32)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
@@ -275,7 +278,7 @@ class Fp8Source:
         t = self._raw(self.names[key])
         if t.dtype == FP8:
             scale = self._raw(self.scale_of[key]) if key in self.scale_of else None
-            return t.to(device), per_channel_scale(scale, t.shape[0], f"{self.origin}: '{key}'").to(device)
+            return t.to(device), per_channel_scale(scale, t.shape[0], f"{self.origin}: '{self.names[key]}'").to(device)
         q, s = quantize_fp8(self.read(key, "cpu", torch.float32))
         return q.to(device), s.to(device)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -45,8 +46,17 @@ def _pick_prefix(src: Fp8Source, prefixes: Iterable[str], probe: str) -> str:
     return ""
 
 
+def _warn_unused(origin: str, keys: list[str], what: str) -> None:
+    """Keys of a split file that no part of the model reads. The loader of the pack these files were
+    made for drops them, so they load here too; the console names them in case the file is wrong."""
+    if keys:
+        more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+        warnings.warn(f"{origin}: {len(keys)} key(s) that the BitDance {what} does not use are left unread: "
+                      f"{keys[:5]}{more}")
+
+
 def split_main_model(src: Fp8Source) -> tuple[Fp8Source, Fp8Source]:
-    """(head, projector) sources from the ComfyUI main-model file; nothing else may be in it."""
+    """(head, projector) sources from the ComfyUI main-model file; other keys are left unread, aloud."""
     hp = _pick_prefix(src, HEAD_PREFIXES, "net.input_proj.weight")
     pp = _pick_prefix(src, PROJECTOR_PREFIXES, "fc1.weight")
     head = src.subset(lambda k: k.startswith(hp + "net.")).with_prefix_stripped(hp)
@@ -57,19 +67,29 @@ def split_main_model(src: Fp8Source) -> tuple[Fp8Source, Fp8Source]:
     require("fc1.weight" in proj.shapes,
             f"{src.origin}: no projector keys (expected fc1.*/fc2.* under one of {list(PROJECTOR_PREFIXES)} or bare){hint}")
     claimed = {hp + k for k in head.shapes} | {pp + k for k in proj.shapes}
-    extra = sorted(set(src.shapes) - claimed)
-    require(not extra, f"{src.origin}: unexpected keys in the main-model file {extra[:5]}"
-                       + (f" and {len(extra) - 5} more" if len(extra) > 5 else "") + " (expected only the head and the projector)")
+    _warn_unused(src.origin, sorted(set(src.shapes) - claimed), "main model (diffusion head + projector)")
     return head, proj
 
 
-def _strip_first(src: Fp8Source, prefixes: Iterable[str]) -> Fp8Source:
-    for p in prefixes:
-        if any(k.startswith(p) for k in src.shapes):
-            rest = [k for k in src.shapes if not k.startswith(p)]
-            require(not rest, f"{src.origin}: keys both with and without the '{p}' prefix, e.g. {rest[:3]}")
-            return src.with_prefix_stripped(p)
-    return src
+def _under_prefix(src: Fp8Source, prefixes: Iterable[str], probe: str, what: str, quiet: Iterable[str] = ()) -> Fp8Source:
+    """The keys under the prefix that `probe` (a key only this part has) carries, stripped of it; keys
+    outside it (other than `quiet` ones, which no loader reads) are left unread, aloud."""
+    p = _pick_prefix(src, prefixes, probe)
+    if not p:
+        return src
+    outside = sorted(k for k in src.shapes if not k.startswith(p) and k not in set(quiet))
+    _warn_unused(src.origin, outside, what)
+    return src.with_prefix_stripped(p)
+
+
+def _unused_keys(module: nn.Module, src, what: str, ignore: Iterable[str] = ()) -> tuple[str, ...]:
+    """`ignore` plus the file's keys that `module` has no place for, named on the console: what a split
+    file carries beyond the model (the pack that made them loads the text encoder non-strictly).
+    Missing keys and wrong shapes are still refused by the strict check."""
+    want = set(module.state_dict())
+    extra = sorted(k for k in src.shapes if k not in want and k not in set(ignore))
+    _warn_unused(src.origin, extra, what)
+    return tuple(ignore) + tuple(extra)
 
 
 def infer_qwen3_config(src: Fp8Source, origin: str):
@@ -181,8 +201,9 @@ def _open_slot(path: str, slot: str) -> Fp8Source:
 def _open_parts(main_model: str, text_encoder: str, vae: str):
     """(head, projector, text encoder, VAE) sources, prefixes stripped."""
     head, proj = split_main_model(_open_slot(main_model, "main_model"))
-    te = _strip_first(_open_slot(text_encoder, "text_encoder"), TEXT_ENCODER_PREFIXES)
-    ae = _strip_first(_open_slot(vae, "vae"), VAE_PREFIXES)
+    te = _under_prefix(_open_slot(text_encoder, "text_encoder"), TEXT_ENCODER_PREFIXES, _KIND_PROBES["text_encoder"],
+                       "text encoder", quiet=Qwen3Backbone.IGNORED_KEYS)
+    ae = _under_prefix(_open_slot(vae, "vae"), VAE_PREFIXES, _KIND_PROBES["vae"], "VAE")
     return head, proj, te, ae
 
 
@@ -305,9 +326,11 @@ def load_split(configs: SplitConfigs, device="cpu", dtype=torch.bfloat16, weight
     weights = "as-is" if weights == "dequant" else weights
     head_src, proj_src, te_src, vae_src = _open_parts(configs.main_model, configs.text_encoder, configs.vae)
     backbone, head, projector, ae = build_t2i_modules(*configs.parts)
-    materialize_parts([(backbone, te_src, "Qwen3 text encoder", Qwen3Backbone.IGNORED_KEYS, "backbone"),
+    materialize_parts([(backbone, te_src, "Qwen3 text encoder",
+                        _unused_keys(backbone, te_src, "text encoder", Qwen3Backbone.IGNORED_KEYS), "backbone"),
                        (head, head_src, "diffusion head", (), "head"), (projector, proj_src, "projector", (), None),
-                       (ae, vae_src, "VAE", (), None)], weights, device, dtype, include, matmul)
+                       (ae, vae_src, "VAE", _unused_keys(ae, vae_src, "VAE"), None)],
+                      weights, device, dtype, include, matmul)
     backbone.set_attention(attention)
     head.set_attention(attention)
     return T2IPipeline(backbone, head, projector, ae, configs.codec, device, name=configs.name)
