@@ -40,6 +40,28 @@ def test_bench_custom_shape_fp8_stream_and_memory():
     assert "backbone/block" in text and "head/block" in text and "planner:" in text
 
 
+def test_host_memory_too_small_is_refused_on_the_cpu_and_noted_on_a_gpu(monkeypatch):
+    """A machine that reports less memory than the weights need: on the CPU the bench refuses with the
+    numbers (the run would be killed); on a GPU with offload (some virtual machines report less memory
+    than they grow to) it goes on and says so in its report."""
+    from bitdance_core.cli.bench import _check_host_memory
+    from bitdance_core.errors import BitDanceError
+
+    shape = custom_shape("tiny", layers=3, hidden=64, heads=4, kv_heads=2, height=128, width=128, steps=1)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 16}  # 64 KiB
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    cpu = BenchConfig(shape=shape, extra={"shape_name": "custom"})
+    with pytest.raises(BitDanceError, match=r"the custom weights need [\d.]+ GiB of host memory in float32; this machine "
+                                            r"reports 0.0 GiB: use --device cuda"):
+        _check_host_memory(cpu)
+    gpu = BenchConfig(shape=shape, device="cuda", offload="stream", extra={"shape_name": "custom"})
+    note = _check_host_memory(gpu)
+    assert note is not None and note.startswith("the custom weights need") and "reports 0.0 GiB" in note
+    assert _check_host_memory(BenchConfig(shape=shape, device="cuda", offload="none")) is None
+    pages["SC_PHYS_PAGES"] = 2**30  # 4 TiB
+    assert _check_host_memory(cpu) is None
+
+
 def test_bench_cfg_script_help():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_cfg.py"), "--help"],
                          capture_output=True, text=True, timeout=120)

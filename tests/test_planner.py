@@ -342,6 +342,32 @@ def test_free_memory_under_a_cap(monkeypatch):
         cap_device_memory("cpu", 12 * GiB)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_cap_on_a_device_named_without_an_index(monkeypatch, device):
+    """`bench` caps torch.device("cuda"); torch's set_per_process_memory_fraction refuses a device
+    without an index (its own _get_device_index check, run here as torch runs it), so the cap must
+    pass the current device's index, or the index given."""
+    from torch.cuda._utils import _get_device_index
+
+    from bitdance_core.runtime.fitting import cap_device_memory
+
+    got = {}
+
+    def set_fraction(fraction, device=None):  # torch's checks, without a driver
+        got["index"] = _get_device_index(device)
+        assert isinstance(fraction, float) and 0 <= fraction <= 1
+
+    with pytest.raises(ValueError, match="specified index"):
+        set_fraction(0.5, torch.device("cuda"))  # the check this test relies on is torch's
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: type("Props", (), {"total_memory": 140 * GiB})() if isinstance(d, int) else None)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    assert cap_device_memory(torch.device(device), 14 * GiB) == pytest.approx(0.1)
+    assert got["index"] == (0 if device == "cuda" else 1)
+
+
 @pytest.mark.parametrize("shape", ["14b-64x", "14b-16x"])
 def test_bench_plans_the_14b_model_under_caps(shape):
     """`bench --weights auto --offload auto --memory-cap-gb N` at the released shapes, 1024x1024, one

@@ -86,11 +86,13 @@ def cap_device_memory(device, cap_bytes: int) -> float:
     play a smaller card on a large one. Returns the fraction set."""
     dev = torch.device(device)
     require(dev.type == "cuda" and torch.cuda.is_available(), "a memory cap needs a CUDA device")
-    total = torch.cuda.get_device_properties(dev).total_memory
+    # set_per_process_memory_fraction takes an index or an indexed device, never a bare "cuda"
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     require(0 < cap_bytes <= total, f"memory cap {cap_bytes / GiB:.1f} GiB: must be above 0 and at most the "
                                     f"device's {total / GiB:.1f} GiB")
-    fraction = cap_bytes / total
-    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    fraction = float(cap_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 
