@@ -85,15 +85,21 @@ def plan_t2i(source, free_bytes: int, device, dtype, weights: str, offload: str,
                              height=height, width=width)
 
 
-def load_t2i_planned(source, decision, device, dtype, attention: str):
-    """(pipeline, Offload or None), loaded as the decision says (a model folder or read_split's configs)."""
-    return _runtime.load_planned(source, decision, device, dtype=dtype, attention=attention)
+def load_t2i_planned(source, decision, device, dtype, attention: str, pin: bool | None = None):
+    """(pipeline, Offload or None), loaded as the decision says (a model folder or read_split's configs);
+    pin: page-lock an offloaded model's host copies (None: the engine's default, on CUDA)."""
+    return _runtime.load_planned(source, decision, device, dtype=dtype, attention=attention, pin=pin)
 
 
 def check_generation(pipe, decision, height: int, width: int, num_images: int, cfg: float, free_bytes, prompt):
     """Whether one generation fits the model as loaded (its predicted peak, the largest batch that
     fits, and what to change when it does not)."""
     return _runtime.check_generation(pipe, decision, height, width, num_images, cfg, free_bytes, prompt=prompt)
+
+
+def images_per_decode(ae, height: int, width: int, free_bytes: int) -> int:
+    """How many images of this size one decode may take in `free_bytes` of device memory (at least 1)."""
+    return _runtime.images_per_decode(ae.config, height, width, ae._param_dtype(), free_bytes)
 
 
 def enable_cuda_graphs(pipe) -> bool:

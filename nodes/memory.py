@@ -29,6 +29,11 @@ def pick_device() -> torch.device:
     return mm.get_torch_device()
 
 
+def pick_tokenizer_device() -> torch.device:
+    """Where a tokenizer loaded on its own runs: ComfyUI's VAE device (the CPU under --cpu-vae)."""
+    return mm.vae_device()
+
+
 def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
         if device.type == "cpu":
@@ -43,6 +48,14 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and choice == "fp16":
         raise bd.BitDanceError("dtype fp16 is not supported on the CPU; use fp32 or bf16 (or auto)")
     return DTYPES[choice]
+
+
+def pin_host_copies() -> bool | None:
+    """Whether an offloaded model's host copies may be page-locked: not when ComfyUI was started with
+    --disable-pinned-memory (its own pinning is off too); otherwise the engine's default."""
+    from comfy.cli_args import args
+
+    return False if getattr(args, "disable_pinned_memory", False) else None
 
 
 def size_on_disk(path: str) -> int:
@@ -76,13 +89,23 @@ def free_memory_for_planning(device: torch.device) -> int:
         return free
     freeable = 0
     for loaded in list(getattr(mm, "current_loaded_models", [])):
-        try:
-            if loaded.device == device and loaded.model is not None:
+        try:  # a model whose offload device is this one (--highvram, --gpu-only) frees nothing when unloaded
+            if loaded.device == device and loaded.model is not None and loaded.model.offload_device != device:
                 freeable += int(loaded.model_loaded_memory())
         except Exception:  # a model being collected, or another ComfyUI's bookkeeping: not counted
             continue
     reserve = int(mm.extra_reserved_memory()) if hasattr(mm, "extra_reserved_memory") else 0
     return max(0, free + freeable - reserve)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 are one device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type == "cpu":
+        return True
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 @dataclass(eq=False)
@@ -111,6 +134,9 @@ class Managed:
         load_device = self.device if self.offload is None else mm.unet_offload_device()
         self.patcher = comfy.model_patcher.ModelPatcher(container, load_device=load_device,
                                                         offload_device=mm.unet_offload_device())
+        # The engine loaded the weights onto the device itself: registered now, ComfyUI counts them (its
+        # free memory, the sampler's fit check) and can unload them before the first generation.
+        self.ensure_loaded()
 
     def free_bytes_for_generation(self) -> int | None:
         """Device bytes a generation may use: what free_memory_for_planning counts, plus what the
@@ -129,6 +155,10 @@ class Managed:
         if self.offload is None:
             extra = max(0, plan.peak_bytes - plan.weights_bytes) if plan is not None and self.device.type != "cpu" else 0
             mm.load_models_gpu([self.patcher], memory_required=extra, force_full_load=True)
+            # Under --novram ComfyUI "loads" a model without moving it; the engine computes with every
+            # module on one device, so what ComfyUI left elsewhere comes back here
+            if any(not _same_device(t.device, self.device) for t in self.patcher.model.state_dict().values()):
+                self.patcher.model.to(self.device)
         elif self.device.type != "cpu" and plan is not None:
             need = max(0, plan.peak_bytes - self.offload.device_bytes())
             mm.free_memory(need + mm.extra_reserved_memory(), self.device)

@@ -10,7 +10,8 @@ from . import paths
 from .download import download_release
 from .engine import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, bd, check_generation, describe_loaded, enable_cuda_graphs,
                      find_t2i_files, load_t2i_planned, plan_t2i, read_t2i)
-from .memory import DTYPE_CHOICES, Managed, free_memory_for_planning, make_room, pick_device, pick_dtype
+from .memory import (DTYPE_CHOICES, Managed, free_memory_for_planning, make_room, pick_device, pick_dtype,
+                     pin_host_copies)
 from .continuation import init_input, read_init
 from .validation import check_combo
 from .progress import BlockProgress
@@ -90,7 +91,7 @@ def load_t2i_managed(source, name: str, key: str, dtype: str, attention: str, we
           f"its largest square, {w}x{h}): {decision.summary()}", flush=True)
     make_room(key, device, torch_dtype, need=decision.plan.peak_bytes)  # need given: `key` is not read as a path
     pipe, off = load_t2i_planned(source, decision, device, torch_dtype,
-                                 attention="sdpa" if attention == "auto" else attention)
+                                 attention="sdpa" if attention == "auto" else attention, pin=pin_host_copies())
     if cuda_graphs:
         enabled = enable_cuda_graphs(pipe)  # after the offload hooks
         print(f"[BitDance] {name}: CUDA graphs {'on' if enabled else 'off (no CUDA device)'}", flush=True)

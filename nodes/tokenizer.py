@@ -10,8 +10,8 @@ import comfy.model_management as mm
 
 from . import paths
 from .convert import image_to_pixels, pixels_to_image
-from .engine import bd
-from .memory import DTYPE_CHOICES, Managed, make_room, pick_device, pick_dtype
+from .engine import bd, images_per_decode
+from .memory import DTYPE_CHOICES, Managed, make_room, pick_dtype, pick_tokenizer_device
 from .validation import check_combo
 from .types import Tokenizer, TokenizerType, bits_latent, expect, latent_bits
 
@@ -42,9 +42,9 @@ class BitDanceTokenizerLoader(io.ComfyNode):
     @classmethod
     def execute(cls, tokenizer: str, dtype: str = "auto") -> io.NodeOutput:
         path = paths.resolve(tokenizer, "tokenizer")
-        device = pick_device()
+        device = pick_tokenizer_device()
         torch_dtype = pick_dtype(dtype, device)
-        make_room(path, device, torch_dtype)
+        make_room(bd.find_tokenizer_files(path)[1], device, torch_dtype)  # its weights, not a whole model folder
         ae = bd.load_tokenizer(path, device=device, dtype=torch_dtype)
         managed = Managed(ae, {"autoencoder": ae}, device, os.path.realpath(path), tokenizer)
         return io.NodeOutput(Tokenizer(ae, managed))
@@ -79,9 +79,16 @@ class BitDanceDecode(io.ComfyNode):
         tok.owner.ensure_loaded()
         mm.throw_exception_if_processing_interrupted()
         device = tok.owner.device
+        chunk = images_at_once or None
+        if chunk is None and device.type != "cpu":  # "all": as many as the free memory takes (the same pixels)
+            f = tok.ae.downsample
+            fits = images_per_decode(tok.ae, samples.shape[-2] * f, samples.shape[-1] * f, mm.get_free_memory(device))
+            if fits < samples.shape[0]:
+                chunk = fits
+                print(f"[BitDance] decoding {fits} image(s) at a time: {samples.shape[0]} at once would not fit the "
+                      "free GPU memory", flush=True)
         gen = torch.Generator(device=device).manual_seed(int(gan_seed))
-        pixels = tok.ae.decode(samples.to(device), generator=gen, chunk=images_at_once or None,
-                             tile=tile or None)
+        pixels = tok.ae.decode(samples.to(device), generator=gen, chunk=chunk, tile=tile or None)
         return io.NodeOutput(pixels_to_image(pixels))
 
 

@@ -112,6 +112,64 @@ def test_streaming_matches_and_rotates_through_two_slots(reference, resident):
     off.remove()
 
 
+@pytest.mark.parametrize("mode", ["stage", "stream"])
+def test_a_dropped_offloaded_model_is_freed_at_once(reference, mode):
+    """A model with offload hooks is freed as soon as its last reference goes, without Python's cycle
+    collector: ComfyUI drops a model from its cache and loads the next one, and the offloaded model's
+    device copies, stream slots and page-locked host memory must not still be held then. (The hooks
+    hold the offload weakly; the pipeline holds it.)"""
+    import gc
+    import weakref
+
+    bits_ref, _, _ = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, mode, "cpu", resident_layers=1)
+    assert pipe.offload is off
+    assert torch.equal(pipe.generate(PROMPT, **ARGS), bits_ref)  # the hooks work through their weak references
+    leaf = pipe.backbone.model.layers[-1].mlp.down_proj  # a module whose weights the offload moves
+    watched = [weakref.ref(x) for x in (pipe, off, pipe.head.net, leaf, leaf.weight, off.stats)]
+    slots = off.stream.slots if off.stream is not None else []
+    watched += [weakref.ref(t) for t in slots]
+    del off, slots, leaf
+    gc.collect()
+    gc.disable()  # from here only reference counting frees anything
+    try:
+        del pipe
+        alive = [w() for w in watched if w() is not None]
+    finally:
+        gc.enable()
+    assert not alive, f"still held after the last reference went: {[type(a).__name__ for a in alive]}"
+
+
+def test_a_group_load_that_runs_out_of_memory_leaves_no_device_copy(monkeypatch):
+    """A stage group whose copy to the device fails half-way (out of memory) points every module back
+    at its master copy and stays evicted: no device copy is left that nothing counts or frees."""
+    from bitdance_core.runtime import offload
+
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "stage", "cpu")
+    home = off.stage.homes["head"]
+    masters = [m for *_, m in home.entries]
+    real, calls = torch.empty_like, []
+
+    def empty_like(t, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated on the third tensor)")
+        return real(t, **kw)
+
+    monkeypatch.setattr(offload.torch, "empty_like", empty_like)
+    with pytest.raises(torch.OutOfMemoryError):
+        off.stage.use("head")
+    monkeypatch.undo()
+    assert not home.resident and "head" not in off.stage.resident
+    now = [getattr(owner, name) for owner, name, *_ in home.entries]
+    assert all(t is m or t.data_ptr() == m.data_ptr() for t, m in zip(now, masters))
+    off.stage.use("head")  # and the next load works
+    assert home.resident
+    off.remove()
+
+
 def test_none_mode_is_the_plain_pipeline(reference):
     bits_ref, _, _ = reference
     pipe = build_random_t2i(SHAPE, seed=3)
@@ -134,6 +192,22 @@ def test_tiled_decode_brings_the_decoder_in(reference):
     assert off.device_bytes() == off.stage.sizes["decoder"]
     off.remove()
     assert off.device_bytes() == 0
+
+
+@pytest.mark.parametrize("mode", ["stage", "stream"])
+@pytest.mark.parametrize("pin", [True, False])
+def test_pinning_is_what_the_caller_asks(reference, mode, pin):
+    """apply_offload(pin=...) reaches every host copy (the ComfyUI nodes pass False under
+    --disable-pinned-memory): True packs each home into the page-aligned chunks that get locked on
+    CUDA, False keeps plain CPU tensors; the bits are the same either way."""
+    bits_ref, _, _ = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, mode, "cpu", resident_layers=1, pin=pin)
+    homes = off.homes()
+    assert len(homes) == len(off.stage.homes) + (0 if off.stream is None else 1 + len(off.stream.homes))
+    assert all((h.host is not None) == pin for h in homes), [h.host for h in homes]
+    assert torch.equal(pipe.generate(PROMPT, **ARGS), bits_ref)
+    off.remove()
 
 
 def test_host_copies_packed_into_page_aligned_chunks():

@@ -368,6 +368,27 @@ def test_a_cap_on_a_device_named_without_an_index(monkeypatch, device):
     assert got["index"] == (0 if device == "cuda" else 1)
 
 
+def test_images_per_decode_follows_the_measured_decode():
+    """The Decode node's "all at once" on a GPU: as many images per decode call as the free memory
+    takes. The count comes from the decoder's predicted peak, which is checked here against a measured
+    decode (within 15%, as the planner's phases are), and every count fits what a plan may use."""
+    from bitdance_core.runtime.fitting import images_per_decode
+    from bitdance_core.runtime.planner import decoder_peak, usable_bytes
+
+    pipe = build_random_t2i(SHAPES["tiny"], seed=1)
+    ae, h, w = pipe.autoencoder, 128, 128
+    bits = torch.randint(0, 2, (2, ae.config.z_channels, h // ae.downsample, w // ae.downsample)).float() * 2 - 1
+    _, measured = measure_peak(lambda: ae.decode(bits), "cpu")
+    one = decoder_peak(ae.config, 1, h, w, 4)
+    assert 0.85 <= decoder_peak(ae.config, 2, h, w, 4) / measured <= 1.15, (one, measured)
+    for n in (1, 3, 8):
+        free = int((n * one + (512 << 20)) / 0.9) + 1024  # what a plan may use of it: n images exactly
+        got = images_per_decode(ae.config, h, w, torch.float32, free)
+        assert got == n and got * one <= usable_bytes(free), (n, got)
+    assert images_per_decode(ae.config, h, w, torch.float32, 0) == 1  # never 0: one image is still tried
+    assert images_per_decode(ae.config, h, w, torch.bfloat16, free) == 16  # half the bytes per value
+
+
 @pytest.mark.parametrize("shape", ["14b-64x", "14b-16x"])
 def test_bench_plans_the_14b_model_under_caps(shape):
     """`bench --weights auto --offload auto --memory-cap-gb N` at the released shapes, 1024x1024, one

@@ -39,6 +39,7 @@ class T2IPipeline:
         self.latent_channels = autoencoder.config.z_channels
         self.downsample = autoencoder.downsample
         self.samplers = dict(SAMPLERS)  # per pipeline, so accelerations (runtime/graphs.py) can wrap them
+        self.offload = None  # the Offload attached by runtime/offload.apply_offload, which this pipeline owns
         self.size_rule = SizeRule(self.downsample, self.parallel_num, max_res_token(codec.has_token))
 
     @property

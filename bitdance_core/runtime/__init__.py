@@ -4,9 +4,10 @@ torch.compile (graphs.py), the speed levers measured one at a time (levers.py). 
 
 What the ComfyUI nodes and the command line use is re-exported here.
 """
-from .fitting import OFFLOAD_CHOICES, WEIGHTS_CHOICES, GenerationCheck, LoadDecision, check_generation, load_planned, plan_for
+from .fitting import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, GenerationCheck, LoadDecision, check_generation,
+                      images_per_decode, load_planned, plan_for)
 from .graphs import enable_compile, enable_graphs
 from .levers import Levers, apply_levers
 
 __all__ = ["GenerationCheck", "LoadDecision", "Levers", "OFFLOAD_CHOICES", "WEIGHTS_CHOICES", "apply_levers",
-           "check_generation", "enable_compile", "enable_graphs", "load_planned", "plan_for"]
+           "check_generation", "enable_compile", "enable_graphs", "images_per_decode", "load_planned", "plan_for"]

@@ -17,7 +17,8 @@ from ..pipelines.comfy_split import SplitConfigs, load_split
 from ..pipelines.t2i_loading import T2IConfigs, load_t2i, read_t2i_configs
 from ..pipelines.t2i_q4 import q4_status
 from .offload import apply_offload
-from .planner import WEIGHTS, GiB, MemoryPlan, _candidate_plans, _fastest, estimate, estimate_pipeline, usable_bytes
+from .planner import (WEIGHTS, GiB, MemoryPlan, _candidate_plans, _esize, _fastest, decoder_peak, estimate,
+                      estimate_pipeline, usable_bytes)
 
 WEIGHTS_CHOICES = ("auto",) + WEIGHTS  # auto, as-is, fp8, 4bit
 OFFLOAD_CHOICES = ("auto", "none", "stage", "stream")
@@ -275,10 +276,12 @@ def _plan_gpu(name, device, llm, head, ae, args, common, info, free_bytes, weigh
     raise BitDanceError(msg)
 
 
-def load_planned(source, decision: LoadDecision, device, dtype=torch.bfloat16, attention: str = "sdpa"):
+def load_planned(source, decision: LoadDecision, device, dtype=torch.bfloat16, attention: str = "sdpa",
+                 pin: bool | None = None):
     """Load a text-to-image model as `decision` says: (pipeline, Offload or None). source: a model
     folder, its T2IConfigs (nothing is read again), or the split files' SplitConfigs. Offloaded models
-    are read into CPU memory and get `offload.apply_offload` hooks that bring parts to `device`."""
+    are read into CPU memory and get `offload.apply_offload` hooks that bring parts to `device`
+    (pin: whether their host copies are page-locked, as apply_offload takes it)."""
     if isinstance(source, T2IConfigs):
         source, decision_configs = source.path, source
     else:
@@ -296,7 +299,7 @@ def load_planned(source, decision: LoadDecision, device, dtype=torch.bfloat16, a
         return load(device), None
     pipe = load("cpu")
     off = apply_offload(pipe, decision.offload, device, budget_bytes=decision.budget_bytes,
-                        resident_layers=decision.resident_layers)
+                        resident_layers=decision.resident_layers, pin=pin)
     return pipe, off
 
 
@@ -319,6 +322,15 @@ class GenerationCheck:
     @property
     def fits(self) -> bool:
         return self.usable_bytes is None or self.plan.peak_bytes <= self.usable_bytes
+
+
+def images_per_decode(ae_config, height: int, width: int, dtype, free_bytes: int, margin: float = 0.10,
+                      reserve_bytes: int = 512 << 20) -> int:
+    """How many images of `height`x`width` one autoencoder decode may take in `free_bytes` of device
+    memory: the planner's decoder peak per image, against what a plan may use of it (its margin and
+    reserve); at least 1. Decoding in chunks changes no pixel (BinaryAutoencoder.decode)."""
+    one = decoder_peak(ae_config, 1, height, width, _esize(dtype))
+    return max(1, usable_bytes(free_bytes, margin, reserve_bytes) // max(1, one))
 
 
 def check_generation(pipe, decision: LoadDecision, height: int, width: int, num_images: int, cfg: float,

@@ -136,7 +136,8 @@ class GraphedModule(nn.Module):
                 self.stats.captures += 1
             except Exception as e:  # capture impossible: eager from now on for this shape
                 torch.cuda.synchronize()
-                self.stats.failures[key] = f"{type(e).__name__}: {e}"
+                if not isinstance(e, torch.cuda.OutOfMemoryError):  # memory may be free next time: try again then
+                    self.stats.failures[key] = f"{type(e).__name__}: {e}"
                 self.stats.eager_calls += 1
                 return self.inner(*args)
         _replayed(self.stats, key, unchanged)
@@ -146,7 +147,9 @@ class GraphedModule(nn.Module):
 # ---- the whole sampling loop ----------------------------------------------------------------------
 
 _GRAPHED_NETS: "weakref.WeakKeyDictionary[nn.Module, GraphStats]" = weakref.WeakKeyDictionary()
-_LOOP_GRAPHS: "OrderedDict" = OrderedDict()  # newest last; a few kept (one per shape and settings)
+# per net, newest last, a few kept (one per shape and settings); they go with their net (an id() key
+# could be taken by a later net whose weights land at the same addresses, and replay a stale graph)
+_LOOP_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 _LOOP_GRAPHS_KEPT = 4
 
 
@@ -162,30 +165,32 @@ def graphed_sampler(fn):
         if stats is None or not cond.is_cuda or _has_inner_hooks(inner):
             return fn(net, cond, cfg, steps, generator, **kw)
         noise = predraw_noise(name, cond, cfg, steps, generator, kw.get("x_dim", 32))
-        key = (id(net), name, tuple(cond.shape), cond.dtype, float(cfg), int(steps), tuple(sorted(kw.items())),
+        key = (name, tuple(cond.shape), cond.dtype, float(cfg), int(steps), tuple(sorted(kw.items())),
                getattr(inner, "step_cache", None))  # the step cache changes what the loop launches, not its result
+        graphs = _LOOP_GRAPHS.setdefault(net, OrderedDict())
         if key in stats.failures:
             return fn(net, cond, cfg, steps, None, noise=noise, **kw)
         for hook in list(inner._forward_pre_hooks.values()):
             hook(inner, (cond,))
         fp = _fingerprint(inner)
-        cap = _LOOP_GRAPHS.get(key)
+        cap = graphs.get(key)
         unchanged = cap is not None and cap[1] == fp
         if not unchanged:
             if _weights_moved_again(stats, key, cap is not None):
-                _LOOP_GRAPHS.pop(key, None)
+                graphs.pop(key, None)
                 return fn(net, cond, cfg, steps, None, noise=noise, **kw)
             try:
                 # the loop calls the bare network: no nested capture of the head-level graph
                 body = lambda c, z: fn(inner, c, cfg, steps, None, noise=z, **kw)  # noqa: E731
                 cap = (_Capture(body, [cond, noise], 1, torch.cuda.graph_pool_handle()), fp)
-                _LOOP_GRAPHS[key] = cap
-                while len(_LOOP_GRAPHS) > _LOOP_GRAPHS_KEPT:
-                    _LOOP_GRAPHS.popitem(last=False)
+                graphs[key] = cap
+                while len(graphs) > _LOOP_GRAPHS_KEPT:
+                    graphs.popitem(last=False)
                 stats.captures += 1
             except Exception as e:
                 torch.cuda.synchronize()
-                stats.failures[key] = f"{type(e).__name__}: {e}"
+                if not isinstance(e, torch.cuda.OutOfMemoryError):  # memory may be free next time: try again then
+                    stats.failures[key] = f"{type(e).__name__}: {e}"
                 return fn(net, cond, cfg, steps, None, noise=noise, **kw)
         _replayed(stats, key, unchanged)
         return cap[0].replay([cond, noise]).clone()
@@ -334,7 +339,8 @@ class GraphedBackbone(nn.Module):
                 self.stats.captures += 1
             except Exception as e:
                 torch.cuda.synchronize()
-                self.stats.failures[shape_key] = f"{type(e).__name__}: {e}"
+                if not isinstance(e, torch.cuda.OutOfMemoryError):  # memory may be free next time: try again then
+                    self.stats.failures[shape_key] = f"{type(e).__name__}: {e}"
                 self.stats.eager_calls += 1
                 return self.inner(inputs_embeds, positions, cache, start, mask)
         _replayed(self.stats, shape_key, unchanged)
@@ -371,8 +377,7 @@ class Acceleration:
         if self.head_net is not None:
             graphed = self.pipe.head.net
             _GRAPHED_NETS.pop(graphed, None)
-            for key in [k for k in _LOOP_GRAPHS if k[0] == id(graphed)]:
-                del _LOOP_GRAPHS[key]
+            _LOOP_GRAPHS.pop(graphed, None)
             self.pipe.head.net = self.head_net
         if self.backbone is not None:
             self.pipe.backbone = self.backbone

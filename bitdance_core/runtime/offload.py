@@ -22,6 +22,7 @@ are testable there; the side stream, pinned memory and events only exist on CUDA
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import require
+from ..errors import BitDanceError, require
 from .host_memory import HostCopies, registration_status
 
 MODES = ("none", "stage", "stream")
@@ -116,10 +117,15 @@ class WeightHome:
     def load(self) -> None:
         if self.resident:
             return
-        for owner, name, is_param, master in self.entries:
-            dev = torch.empty_like(master, device=self.device)
-            dev.copy_(master, non_blocking=True)
-            _set(owner, name, is_param, dev)
+        try:
+            for owner, name, is_param, master in self.entries:
+                dev = torch.empty_like(master, device=self.device)
+                dev.copy_(master, non_blocking=True)
+                _set(owner, name, is_param, dev)
+        except BaseException:  # out of memory half-way: no device copy may outlive the failed load unseen
+            for owner, name, is_param, master in self.entries:
+                _set(owner, name, is_param, master)
+            raise
         self.resident = True
 
     def evict(self) -> None:
@@ -165,16 +171,33 @@ def lru_order(sizes: dict[str, int], budget: int | None, calls: list[str]) -> li
     return out
 
 
+def _weak_hook(owner, method: str, arg):
+    """A forward (pre-)hook calling owner.method(arg) through a weak reference. A hook holding its
+    offload strongly makes a cycle (module -> hook -> offload -> master copies -> module) that only
+    Python's cycle collector frees: the device copies, stream slots and page-locked host memory of a
+    model ComfyUI has dropped would stay until some later collection. The pipeline holds its offload
+    (`pipe.offload`), so the modules live no longer than it does."""
+    ref = weakref.ref(owner)
+
+    def hook(*_):
+        target = ref()
+        if target is None:
+            raise BitDanceError("this model's offload was dropped while its modules are still in use; keep the "
+                                "Offload that apply_offload returned (pipe.offload) as long as the model")
+        getattr(target, method)(arg)
+    return hook
+
+
 class StageOffload:
     """Groups of modules, each on the device only while used (or while they fit `budget_bytes`)."""
 
     def __init__(self, groups: dict[str, list[nn.Module]], device, budget_bytes: int | None = None, skip=(),
-                 stats: OffloadStats | None = None, deep: tuple[str, ...] = ()):
+                 stats: OffloadStats | None = None, deep: tuple[str, ...] = (), pin: bool | None = None):
         """deep: groups whose every submodule is hooked, not only their roots: for modules whose
         parts are called directly (the tiled AE decode runs the decoder's levels one by one)."""
         self.device = torch.device(device)
         self.budget = budget_bytes
-        self.homes = {g: WeightHome(mods, device, skip) for g, mods in groups.items()}
+        self.homes = {g: WeightHome(mods, device, skip, pin) for g, mods in groups.items()}
         self.sizes = {g: h.nbytes for g, h in self.homes.items()}
         self.resident: OrderedDict[str, None] = OrderedDict()
         self.stats = stats or OffloadStats()
@@ -182,7 +205,7 @@ class StageOffload:
         for g, mods in groups.items():
             for root in mods:
                 for m in (root.modules() if g in deep else [root]):
-                    self.handles.append(m.register_forward_pre_hook(lambda _m, _a, g=g: self.use(g)))
+                    self.handles.append(m.register_forward_pre_hook(_weak_hook(self, "use", g)))
 
     def use(self, group: str) -> None:
         if group in self.resident:
@@ -226,7 +249,7 @@ class StreamingBackbone:
     """Keep `resident_layers` backbone layers on the device, stream the others through two slots."""
 
     def __init__(self, backbone: nn.Module, device, resident_layers: int, slots: int = 2,
-                 stats: OffloadStats | None = None):
+                 stats: OffloadStats | None = None, pin: bool | None = None):
         layers = list(backbone.model.layers)
         require(0 <= resident_layers <= len(layers),
                 f"resident_layers must be between 0 and {len(layers)} (the backbone's layers), got {resident_layers}")
@@ -236,10 +259,10 @@ class StreamingBackbone:
         self.stats = stats or OffloadStats()
         # fixed part: resident layers + the final norm (+ anything else but the host embedding)
         fixed = layers[:resident_layers] + [backbone.model.norm]
-        self.fixed = WeightHome(fixed, device)
+        self.fixed = WeightHome(fixed, device, pin=pin)
         self.fixed.load()
         self.streamed = layers[resident_layers:]
-        self.homes = [WeightHome([l], device) for l in self.streamed]
+        self.homes = [WeightHome([l], device, pin=pin) for l in self.streamed]
         self.layout = []  # per streamed layer: [(offset, nbytes)] inside a slot
         for h in self.homes:
             off, lay = 0, []
@@ -260,8 +283,8 @@ class StreamingBackbone:
             self.free = [torch.cuda.Event() for _ in self.slots]
         self.handles = []
         for j, layer in enumerate(self.streamed):
-            self.handles.append(layer.register_forward_pre_hook(lambda _m, _a, j=j: self._before(j)))
-            self.handles.append(layer.register_forward_hook(lambda _m, _a, _o, j=j: self._after(j)))
+            self.handles.append(layer.register_forward_pre_hook(_weak_hook(self, "_before", j)))
+            self.handles.append(layer.register_forward_hook(_weak_hook(self, "_after", j)))
 
     @property
     def resident_bytes(self) -> int:
@@ -397,12 +420,14 @@ def pipeline_groups(pipe, include_backbone: bool = True) -> dict[str, list[nn.Mo
     return groups
 
 
-def apply_offload(pipe, mode: str, device, budget_bytes: int | None = None, resident_layers: int | None = None) -> Offload:
+def apply_offload(pipe, mode: str, device, budget_bytes: int | None = None, resident_layers: int | None = None,
+                  pin: bool | None = None) -> Offload:
     """Attach an offload mode to a T2IPipeline whose weights are in CPU memory, computing on `device`.
 
     none: everything moved to the device. stage: see StageOffload (budget_bytes=None: one group at
     a time). stream: `resident_layers` backbone layers on the device (default: half), the rest
-    streamed; head/projector and AE stage-offloaded within `budget_bytes`."""
+    streamed; head/projector and AE stage-offloaded within `budget_bytes`. pin: page-lock the host
+    copies (None: on CUDA; False: an application that manages pinned memory itself said not to)."""
     require(mode in MODES, f"offload mode '{mode}' unknown; choose one of {MODES}")
     device = torch.device(device)
     stats = OffloadStats()
@@ -410,15 +435,18 @@ def apply_offload(pipe, mode: str, device, budget_bytes: int | None = None, resi
     if mode == "none":
         for m in (pipe.backbone, pipe.head, pipe.projector, pipe.autoencoder):
             m.to(device)
-        return Offload(mode, None, None, stats)
+        pipe.offload = Offload(mode, None, None, stats)
+        return pipe.offload
     host_embeddings(pipe.backbone)
     emb = [pipe.backbone.model.embed_tokens]
     if mode == "stage":
-        stage = StageOffload(pipeline_groups(pipe), device, budget_bytes, skip=emb, stats=stats, deep=AE_GROUPS)
-        return Offload(mode, stage, None, stats)
+        stage = StageOffload(pipeline_groups(pipe), device, budget_bytes, skip=emb, stats=stats, deep=AE_GROUPS, pin=pin)
+        pipe.offload = Offload(mode, stage, None, stats)  # the pipeline owns it: its hooks hold it weakly
+        return pipe.offload
     n = len(pipe.backbone.model.layers)
     resident = n // 2 if resident_layers is None else resident_layers
-    stream = StreamingBackbone(pipe.backbone, device, resident, stats=stats)
+    stream = StreamingBackbone(pipe.backbone, device, resident, stats=stats, pin=pin)
     stage = StageOffload(pipeline_groups(pipe, include_backbone=False), device, budget_bytes, stats=stats,
-                         deep=AE_GROUPS)
-    return Offload(mode, stage, stream, stats)
+                         deep=AE_GROUPS, pin=pin)
+    pipe.offload = Offload(mode, stage, stream, stats)
+    return pipe.offload

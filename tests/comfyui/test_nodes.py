@@ -184,6 +184,50 @@ def test_tiny_workflows(comfy, name, upload_example):
         assert [im.size for im in imgs] == [(scale["width"], scale["height"])]
 
 
+REGISTRATION_PROBE = """
+import importlib.util, os, sys
+repo, comfy_dir = sys.argv[1], sys.argv[2]
+sys.path.insert(0, os.path.join(repo, "tests"))
+import comfy_launcher
+comfy_launcher._define_torchvision_schemas()
+sys.argv = [os.path.join(comfy_dir, "main.py"), "--cpu"]
+sys.path.insert(0, comfy_dir)
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("bitdance_pack", os.path.join(repo, "__init__.py"),
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["bitdance_pack"] = pack
+spec.loader.exec_module(pack)
+from bitdance_pack.nodes import t2i
+managed = t2i.BitDanceModelLoader.execute("demo/digits-t2i").result[0]
+print("REGISTERED", sum(l.model is managed.patcher for l in mm.current_loaded_models))
+mm.unload_all_models()
+print("AFTER_UNLOAD", sum(l.model is managed.patcher for l in mm.current_loaded_models))
+managed.ensure_loaded()
+print("AGAIN", sum(l.model is managed.patcher for l in mm.current_loaded_models))
+"""
+
+
+def test_a_loaded_model_is_known_to_comfyui_before_it_samples(tmp_path):
+    """The loader puts the weights on the device itself, so ComfyUI must be told at once: its free
+    memory, the sampler's fit check (which counts the models ComfyUI can unload) and "unload models"
+    see the model from the loader on, not from the first sampler run. ComfyUI 0.3.75's own
+    model_management, in a process of its own (as ComfyUI would run it, on the CPU)."""
+    from conftest import COMFY_DIR, COMFY_PYTHON
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(REGISTRATION_PROBE)
+    res = subprocess.run([COMFY_PYTHON, str(probe), REPO, COMFY_DIR], capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0].isupper()
+                 and " " in line)
+    assert lines.get("REGISTERED") == "1", res.stdout[-2000:]
+    assert lines.get("AFTER_UNLOAD") == "0" and lines.get("AGAIN") == "1", res.stdout[-2000:]
+
+
 def test_models_are_managed_by_comfyui(comfy):
     """Our model is loaded through comfy.model_management (a ModelPatcher), ComfyUI's "free memory"
     (unload models + drop caches) releases it, and the next prompt reloads it with the same result."""
