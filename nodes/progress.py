@@ -8,6 +8,7 @@ from comfy.cli_args import LatentPreviewMethod, args
 from .convert import pixels_to_pil
 
 PREVIEWS_PER_RUN = 8
+PREVIEW_TILE = 256  # output pixels a side of a preview decoded in tiles (when a whole one would not fit)
 
 
 def previews_enabled() -> bool:

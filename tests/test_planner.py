@@ -389,6 +389,30 @@ def test_images_per_decode_follows_the_measured_decode():
     assert images_per_decode(ae.config, h, w, torch.bfloat16, free) == 16  # half the bytes per value
 
 
+def test_a_whole_preview_is_decoded_only_where_it_fits():
+    """The sampler's live preview decodes one image while the KV cache is alive: whole where the
+    head phase plus one image's decoder peak fits the usable memory (14B-64x, 1024x1024, fp8 on a
+    24 GiB card), else in tiles (the same card with less usable memory; any offload mode); on the
+    CPU nothing is checked."""
+    from bitdance_core.runtime.fitting import GenerationCheck
+    from bitdance_core.runtime.planner import decoder_peak, usable_bytes
+
+    s = SHAPES["14b-64x"]
+    plan = estimate(s.llm, s.head, s.ae, 1024, 1024, 1, 7.5, dtype=torch.bfloat16, weights="fp8")
+    one = decoder_peak(s.ae, 1, 1024, 1024, 2)
+    need = plan.phases["head"] + one
+    assert need > plan.peak_bytes  # the preview is not in the plan's own phases: what this check adds
+
+    def fits(usable, p=plan):
+        return GenerationCheck(p, usable, 1, "").whole_preview_fits(s.ae, 1024, 1024, torch.bfloat16)
+
+    assert fits(usable_bytes(24 << 30)) and fits(need) and not fits(need - 1)
+    assert fits(None)
+    streamed = estimate(s.llm, s.head, s.ae, 1024, 1024, 1, 7.5, dtype=torch.bfloat16, weights="4bit", mode="stream",
+                        resident_layers=40)
+    assert not fits(1 << 50, streamed)
+
+
 @pytest.mark.parametrize("shape", ["14b-64x", "14b-16x"])
 def test_bench_plans_the_14b_model_under_caps(shape):
     """`bench --weights auto --offload auto --memory-cap-gb N` at the released shapes, 1024x1024, one

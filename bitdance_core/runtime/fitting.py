@@ -323,6 +323,19 @@ class GenerationCheck:
     def fits(self) -> bool:
         return self.usable_bytes is None or self.plan.peak_bytes <= self.usable_bytes
 
+    def whole_preview_fits(self, ae_config, height: int, width: int, dtype) -> bool:
+        """Whether a live preview (one image decoded whole in the middle of sampling, the KV cache and
+        the head's state alive) fits the usable memory next to the sampling. Not under an offload
+        mode: the memory is tight there by choice, and the decoder's weights come in too. When it
+        does not fit, a caller decodes previews in tiles (bounded memory, the same image up to
+        rounding)."""
+        if self.usable_bytes is None:
+            return True
+        if self.plan.mode != "none":
+            return False
+        one = decoder_peak(ae_config, 1, height, width, _esize(dtype))
+        return self.plan.phases["head"] + one <= self.usable_bytes
+
 
 def images_per_decode(ae_config, height: int, width: int, dtype, free_bytes: int, margin: float = 0.10,
                       reserve_bytes: int = 512 << 20) -> int:
