@@ -7,7 +7,7 @@ model is read from disk, ComfyUI frees about its size on the target device (for 
 model: the peak the engine's planner predicts).
 
 A text-to-image model loaded with an engine offload mode (stage / stream) is the exception: it
-manages its own GPU residency (see Managed).
+manages its own GPU residency, and gives it back after each node that used it (see Managed).
 """
 from __future__ import annotations
 
@@ -129,8 +129,10 @@ class Managed:
         # (what offloading avoids), or pull the hooks' resident parts back to the CPU under them.
         # So its patcher's load_device is the offload device: to ComfyUI it is a model that lives in
         # CPU memory, never loaded onto nor counted against the GPU, and ensure_loaded only makes room
-        # for its planned peak. (The alternative, a ModelPatcher subclass reporting the hooks'
-        # residency, would tie us to ModelPatcher internals that change between ComfyUI versions.)
+        # for its planned peak. What the hooks hold on the device is given back after each node that
+        # used the model (park), so it never blocks another model between runs. (The alternative, a
+        # ModelPatcher subclass reporting the hooks' residency, would tie us to ModelPatcher internals
+        # that change between ComfyUI versions.)
         load_device = self.device if self.offload is None else mm.unet_offload_device()
         self.patcher = comfy.model_patcher.ModelPatcher(container, load_device=load_device,
                                                         offload_device=mm.unet_offload_device())
@@ -145,6 +147,13 @@ class Managed:
             return None
         held = self.offload.device_bytes() if self.offload is not None else 0
         return free_memory_for_planning(self.device) + held
+
+    def park(self) -> None:
+        """After a node has used an offloaded model: the parts its hooks hold on the device go back to
+        host memory (ComfyUI cannot unload what it does not see, so another model gets the room); they
+        come back by themselves when next used. A whole model is ComfyUI's to unload: nothing here."""
+        if self.offload is not None:
+            self.offload.park()
 
     def ensure_loaded(self, plan=None) -> None:
         """Bring the model (whole) onto its device, unloading other models until the generation's

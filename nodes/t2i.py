@@ -221,6 +221,8 @@ class BitDanceARSampler(io.ComfyNode):
             hint = (fit.message if fit is not None and fit.message
                     else "use a smaller size or batch, or fp8 weights / an offload mode in the loader")
             raise bd.OutOfDeviceMemory(f"out of GPU memory while sampling: {hint}") from e
+        finally:
+            managed.park()
         return io.NodeOutput(bits_latent(bits.cpu(), pipe.autoencoder.family))
 
 

@@ -88,7 +88,10 @@ class BitDanceDecode(io.ComfyNode):
                 print(f"[BitDance] decoding {fits} image(s) at a time: {samples.shape[0]} at once would not fit the "
                       "free GPU memory", flush=True)
         gen = torch.Generator(device=device).manual_seed(int(gan_seed))
-        pixels = tok.ae.decode(samples.to(device), generator=gen, chunk=chunk, tile=tile or None)
+        try:
+            pixels = tok.ae.decode(samples.to(device), generator=gen, chunk=chunk, tile=tile or None)
+        finally:
+            tok.owner.park()
         return io.NodeOutput(pixels_to_image(pixels))
 
 
@@ -109,7 +112,10 @@ class BitDanceEncode(io.ComfyNode):
     def execute(cls, tokenizer, image) -> io.NodeOutput:
         tok = expect(tokenizer, Tokenizer, "tokenizer", "a BitDance loader")
         tok.owner.ensure_loaded()
-        bits = tok.ae.encode(image_to_pixels(image).to(tok.owner.device))
+        try:
+            bits = tok.ae.encode(image_to_pixels(image).to(tok.owner.device))
+        finally:
+            tok.owner.park()
         return io.NodeOutput(bits_latent(bits.to("cpu", torch.float32), tok.family))
 
 

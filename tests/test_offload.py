@@ -141,6 +141,27 @@ def test_a_dropped_offloaded_model_is_freed_at_once(reference, mode):
     assert not alive, f"still held after the last reference went: {[type(a).__name__ for a in alive]}"
 
 
+@pytest.mark.parametrize("mode,resident", [("stage", None), ("stream", 1), ("stream", 0), ("stream", 4)])
+def test_a_parked_offload_holds_no_device_memory_and_comes_back(reference, mode, resident):
+    """Between generations an offloaded model gives its device memory back (`park`: the ComfyUI nodes
+    do it after each use, as ComfyUI cannot unload what it does not see); the next generation brings
+    every part back by itself and gives the same bits, and decoding works as well."""
+    bits_ref, px_ref, _ = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, mode, "cpu", resident_layers=resident)
+    for _ in range(2):
+        assert torch.equal(pipe.generate(PROMPT, **ARGS), bits_ref)
+        assert off.device_bytes() > 0
+        off.park()
+        assert off.device_bytes() == 0
+        homes = off.homes()
+        assert not any(h.resident for h in homes)
+        # every offloaded tensor points at its host master again: no device copy is referenced
+        assert all(getattr(owner, name).data_ptr() == m.data_ptr() for h in homes for owner, name, _, m in h.entries)
+    assert torch.equal(pipe.decode(bits_ref), px_ref)
+    off.remove()
+
+
 def test_a_group_load_that_runs_out_of_memory_leaves_no_device_copy(monkeypatch):
     """A stage group whose copy to the device fails half-way (out of memory) points every module back
     at its master copy and stays evicted: no device copy is left that nothing counts or frees."""

@@ -234,6 +234,10 @@ class StageOffload:
         for g in list(self.resident):
             self._evict(g)
 
+    def park(self) -> None:
+        """Give the device memory back between uses: every group is brought in again when used."""
+        self.evict_all()
+
     def remove(self) -> None:
         self.evict_all()
         if _is_cuda(self.device) and torch.cuda.is_available():
@@ -281,14 +285,42 @@ class StreamingBackbone:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready = [torch.cuda.Event() for _ in self.slots]
             self.free = [torch.cuda.Event() for _ in self.slots]
+        self.parked = False
         self.handles = []
         for j, layer in enumerate(self.streamed):
             self.handles.append(layer.register_forward_pre_hook(_weak_hook(self, "_before", j)))
             self.handles.append(layer.register_forward_hook(_weak_hook(self, "_after", j)))
+        for m in fixed:  # a parked backbone comes back at its first fixed module (or streamed layer)
+            self.handles.append(m.register_forward_pre_hook(_weak_hook(self, "_unpark", None)))
 
     @property
     def resident_bytes(self) -> int:
-        return self.fixed.nbytes + len(self.slots) * self.slot_bytes
+        return (self.fixed.nbytes if self.fixed.resident else 0) + len(self.slots) * self.slot_bytes
+
+    def park(self) -> None:
+        """Give the device memory back between generations (the resident layers and the slots): ComfyUI
+        cannot unload what it does not see, so another model gets the room. The next forward of the
+        backbone brings them back (one copy of the resident layers)."""
+        if self.parked:
+            return
+        if self.cuda:  # the last prefetch may still be writing a slot
+            torch.cuda.current_stream(self.device).synchronize()
+            self.copy_stream.synchronize()
+        for j in list(self.where):
+            self.homes[j].evict()
+        self.where.clear()
+        self.owner = [None] * len(self.owner)
+        self.last_slot = None
+        self.fixed.evict()
+        self.slots = []
+        self.parked = True
+
+    def _unpark(self, _=None) -> None:
+        if not self.parked:
+            return
+        self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in self.owner]
+        self.fixed.load()
+        self.parked = False
 
     def _fill(self, j: int, k: int) -> None:
         """Copy streamed layer j into slot k and point its parameters there."""
@@ -322,6 +354,7 @@ class StreamingBackbone:
         return (self.last_slot + 1) % len(self.slots)
 
     def _before(self, j: int) -> None:
+        self._unpark()
         if j in self.where:
             self.stats.prefetch_hits += 1
         else:
@@ -399,6 +432,13 @@ class Offload:
                 out["failures"].append(r["is_pinned"])
         out["registration"] = registration_status()
         return out
+
+    def park(self) -> None:
+        """Every part back in host memory until it is used again (see StreamingBackbone.park)."""
+        if self.stream is not None:
+            self.stream.park()
+        if self.stage is not None:
+            self.stage.park()
 
     def remove(self) -> None:
         if self.stream is not None:

@@ -103,12 +103,18 @@ def test_auto_is_the_plain_float32_run(comfy):
 
 def test_offload_modes_give_the_same_image(comfy):
     """Explicit offload on the CPU runs the engine's hooks (real copies, device "cpu") through the
-    nodes: the ModelPatcher leaves the model alone, and the image is the plain run's."""
+    nodes: the ModelPatcher leaves the model alone, and the image is the plain run's. The offloaded
+    model gives its device parts back after each node (park); a second prompt on the same loaded
+    model (the loader's result cached) brings them back and gives the plain image of its seed."""
     plain, _ = _run(comfy, _plain_float32(SEED + 3))
+    plain2, _ = _run(comfy, _plain_float32(SEED + 4))
     for mode in ("stage", "stream"):
         img, log = _run(comfy, _with(tiny_t2i(seed=SEED + 3), dtype="fp32", weights="as-is", offload=mode))
         assert f"weights as-is, offload {mode}" in _decision(log)
         assert np.array_equal(img, plain), mode
+        again, log = _run(comfy, _with(tiny_t2i(seed=SEED + 4), dtype="fp32", weights="as-is", offload=mode))
+        assert "[BitDance] t2i-tiny-p16 (" not in log, "the loader ran again: its result was meant to be cached"
+        assert np.array_equal(again, plain2), mode
 
 
 def test_cuda_graphs_option(comfy):
