@@ -394,16 +394,19 @@ from bitdance_core.runtime import distributed
 g = distributed.join("cpu")
 plan = g.broadcast({"work": [[0, 1], [2]], "note": "fünf €", "pair": (1, 2)} if g.rank == 0 else None)
 stats = g.gather({"rank": g.rank, "written": 10 * g.rank + 1})
+least = g.smallest(7 - 3 * g.rank)
+none = g.smallest(None if g.rank == 1 else 5)
 g.close()
 with open(sys.argv[1] + f"/{g.rank}.json", "w") as f:
-    json.dump({"plan": plan, "stats": stats, "joined": g.joined}, f)
+    json.dump({"plan": plan, "stats": stats, "least": least, "none": none, "joined": g.joined}, f)
 """
 
 
 def test_the_process_group_carries_json_and_closes(tmp_path):
-    """The two collectives eval-generate uses, in two torchrun processes (gloo): rank 0's plan on both
-    ranks, both ranks' stats on both, in rank order, as JSON (a tuple arrives as a list); and the group
-    closes. Three launches: on torch 2.7 the pickling collectives hung in close about 4 times in 10."""
+    """The collectives eval-generate uses, in two torchrun processes (gloo): rank 0's plan on both
+    ranks, both ranks' stats on both, in rank order, as JSON (a tuple arrives as a list), the smallest
+    of the ranks' values (their free memory); and the group closes. Three launches: on torch 2.7 the
+    pickling collectives hung in close about 4 times in 10."""
     script = tmp_path / "group.py"
     script.write_text(GROUP_SCRIPT)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
@@ -416,4 +419,32 @@ def test_the_process_group_carries_json_and_closes(tmp_path):
         for rank in (0, 1):
             got = json.loads((out / f"{rank}.json").read_text())
             assert got == {"plan": {"work": [[0, 1], [2]], "note": "fünf €", "pair": [1, 2]},
-                           "stats": [{"rank": 0, "written": 1}, {"rank": 1, "written": 11}], "joined": False}, got
+                           "stats": [{"rank": 0, "written": 1}, {"rank": 1, "written": 11}],
+                           "least": 4, "none": None, "joined": False}, got
+
+
+FAILING_RANK_SCRIPT = """
+import sys, time
+from bitdance_core.runtime import distributed
+g = distributed.join("cpu")
+try:
+    g.broadcast({"work": []} if g.rank == 0 else None)
+    if g.rank == 1:
+        raise RuntimeError("boom on rank 1")
+    g.gather({"rank": g.rank})  # rank 0 waits here for a rank that will never come
+finally:
+    g.close()
+"""
+
+
+def test_a_failing_rank_ends_the_launch_with_its_error(tmp_path):
+    """A rank that fails while the others work (out of memory, a full disk) must end the launch with
+    its own error printed, not leave the others waiting in a collective for the group's timeout (what
+    NCCL's shutdown does: the reason the group is gloo on GPUs too)."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING_RANK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "RuntimeError: boom on rank 1" in r.stderr, r.stderr[-3000:]

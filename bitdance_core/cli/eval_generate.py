@@ -32,7 +32,7 @@ from ..pipelines.images import to_uint8_rounded
 from .common import DTYPES, device_dtype
 from .eval_layout import Layout, claim_folder
 from .eval_prompts import EvalPrompt, read_prompts
-from .t2i import add_t2i_load_options, load_t2i_as_planned, plan_t2i_load
+from .t2i import add_t2i_load_options, device_free_bytes, load_t2i_as_planned, plan_t2i_load
 
 SEED_STRIDE = 1_000_000  # prompt seeds: seed * SEED_STRIDE + index, below 2**32 (see the module docstring)
 MAX_SEED = (2 ** 32 - 1) // SEED_STRIDE - 1  # 4293: its last prompt seed still below 2**32
@@ -185,7 +185,11 @@ def cmd_eval_generate(args):
 
 def _run(args, group, dev: str, dtype, prompts: list[EvalPrompt], sm: Sampling):
     tag, n = group.tag, sm.images_per_prompt
-    decision = plan_t2i_load(args, dev, dtype, sm.height, sm.width, sm.prompts_per_batch * n, sm.cfg, log_prefix=f"{tag} ")
+    # every rank plans against the least free memory of all: one choice of weights and offload for all
+    # (the images, and the settings rank 0 records, must not depend on which GPU made them)
+    free = group.smallest(device_free_bytes(dev))
+    decision = plan_t2i_load(args, dev, dtype, sm.height, sm.width, sm.prompts_per_batch * n, sm.cfg,
+                             log_prefix=f"{tag} ", free_bytes=free)
     settings = {
         "benchmark": args.benchmark, "prompts_sha256": file_sha256(args.prompts), "prompts": len(prompts),
         "model_fingerprint": model_fingerprint(args.model), "height": sm.height, "width": sm.width,

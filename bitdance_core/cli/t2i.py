@@ -25,15 +25,20 @@ def add_t2i_load_options(p) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the head and the backbone (GPU)")
 
 
+def device_free_bytes(dev: str) -> int | None:
+    """The free memory of a CUDA device (None on the CPU: nothing is planned against it there)."""
+    return torch.cuda.mem_get_info(torch.device(dev))[0] if dev.startswith("cuda") else None
+
+
 def plan_t2i_load(args, dev: str, dtype, height: int, width: int, num_images: int, cfg: float, log_prefix: str = "",
-                  source=None):
+                  source=None, free_bytes: int | None = None):
     """The weights/offload decision for `args.weights`/`args.offload` (see add_t2i_load_options), planned
-    for this size and batch against the device's free memory, printed to stderr. source: the model's
-    configs when already read (default: read from args.model)."""
+    for this size and batch against the device's free memory (or `free_bytes`), printed to stderr.
+    source: the model's configs when already read (default: read from args.model)."""
     from ..runtime.fitting import plan_for
 
     # auto: as stored, no offload, when that fits; on the CPU auto is always that
-    free = torch.cuda.mem_get_info(torch.device(dev))[0] if dev.startswith("cuda") else None
+    free = device_free_bytes(dev) if free_bytes is None else free_bytes
     decision = plan_for(source if source is not None else args.model, free, device=dev, height=height, width=width, num_images=num_images, cfg=cfg,
                         dtype=dtype, weights=args.weights, offload=args.offload)
     print(f"{log_prefix}[bitdance] {decision.summary()}", file=sys.stderr)

@@ -1,9 +1,13 @@
 """The process group of a `torchrun` launch (its RANK / WORLD_SIZE / LOCAL_RANK environment), or a
 group of one when the command runs on its own.
 
-NCCL between GPUs (each process on its own GPU: cuda:LOCAL_RANK), gloo on the CPU. Only small
-JSON-able objects travel (the work list, the end summary), as UTF-8 bytes in uint8 tensors: the images
-go to a shared folder, not through here.
+Each process computes on its own GPU (cuda:LOCAL_RANK); the group itself is gloo, on the CPU, for
+GPUs too. Only small JSON-able objects travel (each rank's free memory, the work list, the end
+summary), as UTF-8 bytes in uint8 tensors: the images go to a shared folder, not through here. NCCL
+would buy nothing for a few bytes, and it turns one rank's failure into a hang of all: its
+`destroy_process_group` waits for the ranks still generating (graceful shutdown since torch 2.6), so
+the failing rank never exits, torchrun never stops the others, and its error is never printed. With
+gloo the failing rank exits at once, with its traceback, and torchrun stops the rest.
 
 Why not `broadcast_object_list` / `all_gather_object`: they pickle, and their tensors are made and
 dropped inside them. On the CPU, gloo's worker threads then free those tensors after the collective
@@ -23,8 +27,9 @@ import torch
 from ..errors import BitDanceError
 
 # Ranks wait for each other at the start (while rank 0 scans the output folder) and at the end
-# (while the slowest rank finishes its last batch): generous, so a long batch is not a failure.
-TIMEOUT = datetime.timedelta(hours=2)
+# (while the slowest rank finishes its share, hours on a slower GPU): generous, so a slow rank is
+# not a failure. A rank that fails ends the launch through torchrun, so a long wait is never a hang.
+TIMEOUT = datetime.timedelta(hours=24)
 
 
 @dataclass
@@ -33,7 +38,7 @@ class ProcessGroup:
     world: int
     local_rank: int
     joined: bool  # a torch.distributed group was started (more than one process)
-    comm_device: str = "cpu"  # where the collectives' tensors live: the process's GPU under NCCL
+    comm_device: str = "cpu"  # where the collectives' tensors live (gloo: the CPU)
     _held: list = field(default_factory=list, repr=False)  # every tensor a collective saw, until close()
 
     @property
@@ -90,6 +95,12 @@ class ProcessGroup:
         self._held += [size, *sizes, buf, *bufs]
         return [self._decode(b, n) for b, n in zip(bufs, ns)]
 
+    def smallest(self, value: int | None) -> int | None:
+        """The smallest of every rank's `value` (None when any is None): what all ranks plan with, so
+        they all make the same choice (e.g. the free GPU memory, which differs between GPUs)."""
+        values = self.gather(value)
+        return None if any(v is None for v in values) else min(values)
+
     def close(self) -> None:
         if self.joined:
             import torch.distributed as dist
@@ -100,8 +111,9 @@ class ProcessGroup:
 
 
 def join(device_type: str) -> ProcessGroup:
-    """Join the launch's process group (torchrun sets the environment; several nodes work alike), or
-    return a group of one. device_type: "cuda" (NCCL, one GPU per process) or "cpu" (gloo)."""
+    """Join the launch's process group (torchrun sets the environment; several nodes work alike; gloo,
+    whose network interface GLOO_SOCKET_IFNAME names where a node has several), or return a group of
+    one. device_type: "cuda" (one GPU per process: cuda:LOCAL_RANK becomes the current device) or "cpu"."""
     if "WORLD_SIZE" not in os.environ:
         return ProcessGroup(0, 1, 0, False)
     try:
@@ -118,6 +130,6 @@ def join(device_type: str) -> ProcessGroup:
         if local_rank >= torch.cuda.device_count():
             raise BitDanceError(f"LOCAL_RANK {local_rank}, but only {torch.cuda.device_count()} GPUs are visible: "
                                 "start at most as many processes per node as it has GPUs (--nproc_per_node)")
-        torch.cuda.set_device(local_rank)  # before NCCL: each process talks from its own GPU
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
-    return ProcessGroup(rank, world, local_rank, True, f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
+        torch.cuda.set_device(local_rank)  # before anything touches CUDA: "cuda" means this process's GPU
+    dist.init_process_group("gloo", timeout=TIMEOUT)
+    return ProcessGroup(rank, world, local_rank, True)

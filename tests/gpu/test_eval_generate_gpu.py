@@ -1,6 +1,6 @@
 """eval-generate on CUDA (skipped without a GPU): several prompts per batch with CUDA graphs (one
 generator per prompt, drawn before each graph replay), a rerun after a deleted image identical, and
-with two GPUs, two NCCL processes identical to one."""
+with two GPUs, two processes identical to one."""
 import json
 import os
 import subprocess
