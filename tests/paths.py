@@ -102,3 +102,13 @@ def cpu_fp8_path(mode: str) -> str:
     from bitdance_core.formats import fp8_matmul
 
     return mode if fp8_matmul.cpu_scaled_mm_takes_row_scales() else f"dequant ({fp8_matmul.NO_CPU_ROW_SCALES})"
+
+
+def assert_bf16_tokens(bits, shape) -> None:
+    """Tokens of a bfloat16 generation. They are torch.sign of the sampler's output, as upstream: -1
+    or +1, or 0 where the head's bf16 output rounded to exactly 0 in both guidance branches (rare, and
+    how often depends on the CPU's bf16 kernels, so a test may not count on none): every value one of
+    the three, almost all ±1."""
+    assert tuple(bits.shape) == tuple(shape), bits.shape
+    assert set(bits.unique().tolist()) <= {-1.0, 0.0, 1.0}, bits.unique()
+    assert (bits != 0).float().mean().item() > 0.95

@@ -4,7 +4,7 @@ import warnings
 import torch
 
 from bitdance_core.formats.checkpoints import source_from_state_dict, materialize
-from bitdance_core.models.qwen3 import KVCache, Qwen3Backbone, Qwen3Config
+from bitdance_core.models.qwen3 import KVCache, Qwen3Backbone, Qwen3Config, rope_tables
 
 from comfy_launcher import _define_torchvision_schemas
 
@@ -53,6 +53,59 @@ def test_prefill_and_cached_block_steps_match_transformers():
         o = ours(blk, start + torch.arange(P)[None].expand(B, P), cache, start, True)
         torch.testing.assert_close(o, o_ref.last_hidden_state, rtol=1e-5, atol=1e-5)
         start += P
+
+
+@torch.no_grad()
+def test_bf16_block_steps_keep_the_official_float32_residual():
+    """The official pipeline runs HF Qwen3 with bf16 weights under bf16 autocast; its image steps feed
+    float32 inputs (projected bits + the float32 position table), so the residual stream, the RoPE
+    rotation and the final norm stay float32 while the linears and attention run in bf16 (keys rounded
+    once into the cache). Ours with bf16 weights follows that: seen from inside (every layer's input
+    float32 in a block step and bf16 in the prefill, every linear's input bf16, the cached keys the
+    float32 rotation rounded once), and from outside (float32 hidden states close to transformers'
+    under bf16 autocast)."""
+    ref, ours = make_pair(seed=3)
+    ref, ours = ref.to(torch.bfloat16), ours.to(torch.bfloat16)
+    seen = {"layer": [], "linear": []}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, k=k: seen[k].append(a[0].dtype))
+             for k, mods in (("layer", ours.model.layers),
+                             ("linear", [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]))
+             for m in mods]
+    B, T, P = 2, 11, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, 64, generator=g).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache_ref = ref(inputs_embeds=x, use_cache=True).past_key_values
+    cache = KVCache(ours.config, B, T + 2 * P, torch.bfloat16, "cpu")
+    ours(x, torch.arange(T)[None].expand(B, T), cache, 0, None)
+    assert set(seen["layer"]) == {torch.bfloat16} and set(seen["linear"]) == {torch.bfloat16}
+    start = T
+    for _ in range(2):
+        seen["layer"].clear(), seen["linear"].clear()
+        blk = torch.randn(B, P, 64, generator=g)  # float32, as an image step's input is
+        mask = torch.ones(B, 1, P, start + P, dtype=torch.bool)
+        with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+            warnings.simplefilter("ignore")
+            o_ref = ref(inputs_embeds=blk, past_key_values=cache_ref, use_cache=True, attention_mask=mask)
+        cache_ref = o_ref.past_key_values
+        pos = start + torch.arange(P)[None].expand(B, P)
+        o = ours(blk, pos, cache, start, True)
+        assert set(seen["layer"]) == {torch.float32} and set(seen["linear"]) == {torch.bfloat16}
+        assert o.dtype == torch.float32
+        want = o_ref.last_hidden_state
+        assert ((o - want).norm() / want.norm()).item() < 1e-2
+        # layer 0's new keys: projected in bf16, normalised, rotated with float32 tables, rounded once
+        attn = ours.model.layers[0].self_attn
+        cos, sin = rope_tables(ours.config, pos, torch.float32)
+        k = attn.k_norm(attn.k_proj(ours.model.layers[0].input_layernorm(blk).to(torch.bfloat16)).view(B, P, -1, 16))
+        k = k.transpose(1, 2)
+        c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
+        rotated = k * c + torch.cat([-k[..., 8:], k[..., :8]], dim=-1) * s_
+        assert rotated.dtype == torch.float32
+        assert torch.equal(cache.k[0, :, :, start:start + P], rotated.to(torch.bfloat16))
+        start += P
+    for h in hooks:
+        h.remove()
 
 
 @torch.no_grad()

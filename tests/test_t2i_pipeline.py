@@ -226,3 +226,27 @@ def test_describe_from_configs_only(tmp_path):
     os.remove(m / "vision_head_config.json")
     with pytest.raises(BitDanceError, match="not a BitDance text-to-image model folder: .*vision_head_config.json is missing"):
         describe_t2i(str(m))
+
+
+def test_the_head_modulates_as_the_official_autocast_does():
+    """Under the official bf16 autocast the head's layer norms run in float32 and the modulation
+    `norm(x) * (1 + scale) + shift` is promoted to float32, rounded once where the next linear takes
+    it. `head.modulate` does that in bf16 (not three bf16 roundings), and in float32 it is the plain
+    formula, bit for bit (the fixtures' path)."""
+    from bitdance_core.models.head import modulate
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.LayerNorm(256, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(256, generator=g))
+        norm.bias.copy_(0.1 * torch.randn(256, generator=g))
+    x, scale, shift = (torch.randn(64, 256, generator=g) for _ in range(3))
+    assert torch.equal(modulate(norm, x, scale, shift), norm(x) * (1 + scale) + shift)
+    n16 = torch.nn.LayerNorm(256, eps=1e-6).to(torch.bfloat16)
+    n16.load_state_dict(norm.state_dict())
+    x16, s16, b16 = x.to(torch.bfloat16), scale.to(torch.bfloat16), shift.to(torch.bfloat16)
+    got = modulate(n16, x16, s16, b16)
+    once = (torch.nn.functional.layer_norm(x16.float(), (256,), n16.weight.float(), n16.bias.float(), 1e-6)
+            * (1 + s16) + b16).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, once)
+    assert not torch.equal(got, n16(x16) * (1 + s16) + b16)  # the all-bf16 chain rounds differently

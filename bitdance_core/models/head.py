@@ -88,6 +88,16 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
+def modulate(norm: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """norm(x) * (1 + scale) + shift as the official code computes it under its bf16 autocast: the
+    layer norm in float32 (autocast runs layer_norm so), the modulation promoted to float32 by it,
+    rounded once to x's dtype where the next linear takes it. In float32: the plain formula."""
+    w, b = norm.weight, norm.bias
+    h = F.layer_norm(x.float(), norm.normalized_shape, None if w is None else w.float(), None if b is None else b.float(),
+                     norm.eps)
+    return (h * (1 + scale) + shift).to(x.dtype)
+
+
 class FinalLayer(nn.Module):
     def __init__(self, channels: int, out_channels: int):
         super().__init__()
@@ -97,7 +107,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, y):
         scale, shift = self.ada_ln_modulation(y).chunk(2, dim=-1)
-        return self.linear(self.norm_final(x) * (1.0 + scale) + shift)
+        return self.linear(modulate(self.norm_final, x, scale, shift))
 
 
 class BlockAttention(nn.Module):
@@ -142,8 +152,8 @@ class TransBlock(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
 
     def forward(self, x, scale1, shift1, gate1, scale2, shift2, gate2):
-        x = x + self.attn(self.norm1(x) * (1 + scale1) + shift1) * gate1
-        h = self.norm2(x) * (1 + scale2) + shift2
+        x = x + self.attn(modulate(self.norm1, x, scale1, shift1)) * gate1
+        h = modulate(self.norm2, x, scale2, shift2)
         if self.use_swiglu:
             a, b = self.w1(h).chunk(2, dim=-1)
             h = self.w2(F.silu(a) * b)
@@ -161,7 +171,7 @@ class MlpBlock(nn.Module):
         self.w2 = nn.Linear(hidden, channels)
 
     def forward(self, x, scale, shift, gate):
-        a, b = self.w1(self.norm(x) * (1 + scale) + shift).chunk(2, dim=-1)
+        a, b = self.w1(modulate(self.norm, x, scale, shift)).chunk(2, dim=-1)
         return x + self.w2(F.silu(a) * b) * gate
 
 

@@ -140,7 +140,9 @@ class Attention(nn.Module):
         k = self.k_norm(k.view(b, n, -1, hd)).transpose(1, 2)
         v = v.view(b, n, -1, hd).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s, v
+        # float32 tables (an image step's) rotate in float32, rounded once to the attention's dtype:
+        # what SDPA under the official bf16 autocast does with HF Qwen3's float32 rotation
+        return (q * c + _rotate_half(q) * s).to(v.dtype), (k * c + _rotate_half(k) * s).to(v.dtype), v
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int, mask):
         b, n, _ = x.shape
@@ -196,8 +198,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache, layer, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        dt = self.input_layernorm.weight.dtype  # the compute dtype, where autocast casts a linear's input
+        x = x + self.self_attn(self.input_layernorm(x).to(dt), cos, sin, cache, layer, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x).to(dt))
 
 
 class Embedding(nn.Module):
@@ -219,6 +222,12 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def residual_input(inputs_embeds: torch.Tensor, dtype) -> torch.Tensor:
+    """The residual stream's input: float32 stays float32 (see Qwen3Backbone.forward), anything else
+    is cast to the model's dtype."""
+    return inputs_embeds if inputs_embeds.dtype == torch.float32 else inputs_embeds.to(dtype)
+
+
 class Qwen3Backbone(nn.Module):
     """Root module so keys read `model.*` as in the released shards (`lm_head` is never loaded)."""
 
@@ -237,8 +246,12 @@ class Qwen3Backbone(nn.Module):
         return self.model.embed_tokens(ids)
 
     def forward(self, inputs_embeds, positions, cache: KVCache | None = None, start: int = 0, mask=None):
-        """Hidden states after the final norm. mask: None (causal), True (all visible) or bool [B,1,T,S]."""
-        x = inputs_embeds.to(self.dtype)
+        """Hidden states after the final norm. mask: None (causal), True (all visible) or bool [B,1,T,S].
+        Float32 inputs (an image step's: projected bits + the float32 position table) keep a float32
+        residual stream, RoPE tables and final norm, the linears and attention computing in the
+        model's dtype: the official pipeline's dtypes (HF Qwen3 under bf16 autocast); the prompt's
+        embeddings run in the model's dtype. With float32 weights nothing changes."""
+        x = residual_input(inputs_embeds, self.dtype)
         cos, sin = rope_tables(self.config, positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, start, mask)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.qwen3 import grouped_query_attention, rope_tables
+from ..models.qwen3 import grouped_query_attention, residual_input, rope_tables
 from ..models.sampler import predraw_noise
 
 
@@ -216,16 +216,18 @@ def static_attention(attn, x, cos, sin, k_cache, v_cache, slots, key_mask):
 
 
 def static_layer(layer, x, cos, sin, k_cache, v_cache, slots, key_mask):
-    """One decoder layer of the static block step."""
-    x = x + static_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, k_cache, v_cache, slots, key_mask)
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    """One decoder layer of the static block step (the dtypes of qwen3.DecoderLayer.forward)."""
+    dt = layer.input_layernorm.weight.dtype
+    x = x + static_attention(layer.self_attn, layer.input_layernorm(x).to(dt), cos, sin, k_cache, v_cache, slots,
+                             key_mask)
+    return x + layer.mlp(layer.post_attention_layernorm(x).to(dt))
 
 
 def static_step(backbone, x, cos, sin, cache, slots, key_mask, layer_step=static_layer):
     """The backbone forward of one block with static shapes (see `static_attention`); cos/sin are
     the RoPE tables of the block's positions (`qwen3.rope_tables`, made outside a capture: it
     builds its frequencies on the host). layer_step: `static_layer` or a compiled one."""
-    x = x.to(backbone.dtype)
+    x = residual_input(x, backbone.dtype)
     for i, layer in enumerate(backbone.model.layers):
         x = layer_step(layer, x, cos, sin, cache.k[i], cache.v[i], slots, key_mask)
     return backbone.model.norm(x)
@@ -306,7 +308,7 @@ class GraphedBackbone(nn.Module):
             key_mask = key_mask.clone()
             key_mask[:, :m.shape[1]] &= m
         key_mask = key_mask[:, None, None, :]
-        cos, sin = rope_tables(self.inner.config, positions, self.inner.dtype)
+        cos, sin = rope_tables(self.inner.config, positions, residual_input(inputs_embeds, self.inner.dtype).dtype)
         for hook in list(self.inner._forward_pre_hooks.values()):
             hook(self.inner, (inputs_embeds, positions, cache, start, mask))  # e.g. stage offload
         if not graphable:
