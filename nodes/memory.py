@@ -36,12 +36,10 @@ def pick_tokenizer_device() -> torch.device:
 
 def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        if mm.should_use_bf16(device):
+        # bf16 where the GPU has it (the official dtype), else float32: never fp16, in which the official
+        # code never runs and Qwen3's activations can overflow (ComfyUI's Qwen-Image is bf16/fp32 only too)
+        if device.type != "cpu" and mm.should_use_bf16(device):
             return torch.bfloat16
-        if mm.should_use_fp16(device):
-            return torch.float16
         return torch.float32
     if choice not in DTYPES:
         raise bd.BitDanceError(f"dtype '{choice}' unknown; choose one of {DTYPE_CHOICES}")

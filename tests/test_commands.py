@@ -138,3 +138,26 @@ def test_pyproject_declares_what_requirements_txt_installs():
     assert "gguf" in required and "safetensors" in required, required
     assert declared == required, (f"pyproject.toml's dependencies {sorted(declared.values())} differ from "
                                   f"requirements.txt {sorted(required.values())}")
+
+
+def test_dtype_auto_is_the_default_and_float32_on_the_cpu():
+    """--dtype auto (the default of the generating commands): bfloat16 on a GPU that has it, the
+    official dtype, and float32 on the CPU (where the fixtures are reproduced bit for bit); an explicit
+    dtype is taken as given, float16 refused on the CPU with the alternatives."""
+    import argparse
+
+    import pytest
+    import torch
+
+    from bitdance_core.cli.main import build_parser
+    from bitdance_core.cli.common import device_dtype
+    from bitdance_core.errors import BitDanceError
+
+    parser = build_parser()
+    for cmd in (["t2i", "--model", "m", "--prompt", "p"], ["eval-generate", "--model", "m", "--benchmark", "dpg",
+                                                           "--prompts", "p.json", "--out", "o"]):
+        assert parser.parse_args(cmd).dtype == "auto", cmd
+    assert device_dtype(argparse.Namespace(device="cpu", dtype="auto")) == ("cpu", torch.float32)
+    assert device_dtype(argparse.Namespace(device="cpu", dtype="bfloat16")) == ("cpu", torch.bfloat16)
+    with pytest.raises(BitDanceError, match="float16 is not supported on the CPU; use float32 or bfloat16"):
+        device_dtype(argparse.Namespace(device="cpu", dtype="float16"))

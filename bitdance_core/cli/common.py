@@ -23,7 +23,10 @@ def device_dtype(args):
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise BitDanceError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    dtype = DTYPES[args.dtype]
+    if args.dtype == "auto":  # the official dtype where the GPU has it; float32 elsewhere (never float16: see README)
+        dtype = torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = DTYPES[args.dtype]
     if dev == "cpu" and dtype == torch.float16:
         raise BitDanceError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
     return dev, dtype
@@ -70,7 +73,8 @@ class ShowDefaults(argparse.HelpFormatter):
 
 def add_common(p, out=True):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="compute dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype; auto: bfloat16 on a GPU that has it (the official dtype), else float32")
     if out:
         p.add_argument("--out", default=None, help="PNG path (IMG_0.png, IMG_1.png, ... for several images)")
         p.add_argument("--pixels-npy", default=None, help="pixels as uint8 [B, H, W, 3]")

@@ -194,7 +194,7 @@ def _run(args, group, dev: str, dtype, prompts: list[EvalPrompt], sm: Sampling):
         "benchmark": args.benchmark, "prompts_sha256": file_sha256(args.prompts), "prompts": len(prompts),
         "model_fingerprint": model_fingerprint(args.model), "height": sm.height, "width": sm.width,
         "steps": sm.steps, "cfg": sm.cfg, "images_per_prompt": n, "seed": args.seed,
-        "prompts_per_batch": sm.prompts_per_batch, "dtype": args.dtype, "weights": decision.weights,
+        "prompts_per_batch": sm.prompts_per_batch, "dtype": str(dtype).replace("torch.", ""), "weights": decision.weights,
         "attention": args.attention, "compile": bool(args.compile), "device": torch.device(dev).type,
     }
     info = {"model": os.path.realpath(args.model), "prompt_file": os.path.realpath(args.prompts),
@@ -283,6 +283,7 @@ def register(sub) -> None:
                    help="the output folder holds another run's images: delete them and start again")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun "
                    "each process uses the GPU of its LOCAL_RANK)")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="compute dtype; auto: bfloat16 on a GPU that has it (the official dtype), else float32")
     add_t2i_load_options(p)
     p.set_defaults(func=cmd_eval_generate)
