@@ -77,11 +77,11 @@ TARGETS="as-is"
 [ -n "$BEST" ] && TARGETS="as-is,as-is+$BEST"
 say "== targets 14B-64x: $TARGETS at $RUNS64 (timeout ${T[3]} s)"
 "${TO[@]}" "${T[3]}" $PY -m bitdance_core bench-sweep "${C64[@]}" --variants "$TARGETS" --runs "$RUNS64" \
-    --variant-timeout $(( T[3] - 55 )) --jsonl "$OUT/targets64.jsonl" 2>> "$LOG" | tee -a "$LOG" \
+    --variant-timeout $(( (T[3] - 20) / 2 )) --deadline $(( (T[3] - 20) / 2 )) --jsonl "$OUT/targets64.jsonl" 2>> "$LOG" | tee -a "$LOG" \
   || say "   (targets 64x: exit $? — see log.txt)"
 say "== targets 14B-16x: $TARGETS at $RUNS16 (timeout ${T[4]} s)"
 "${TO[@]}" "${T[4]}" $PY -m bitdance_core bench-sweep "${C16[@]}" --variants "$TARGETS" --runs "$RUNS16" \
-    --variant-timeout $(( T[4] - 35 )) --jsonl "$OUT/targets16.jsonl" 2>> "$LOG" | tee -a "$LOG" \
+    --variant-timeout $(( (T[4] - 20) / 2 )) --deadline $(( (T[4] - 20) / 2 )) --jsonl "$OUT/targets16.jsonl" 2>> "$LOG" | tee -a "$LOG" \
   || say "   (targets 16x: exit $? — see log.txt)"
 
 "${TO[@]}" 10 $PY benchmarks/kernels_summary.py "$OUT" --json "$OUT/summary.json" | tee -a "$LOG"

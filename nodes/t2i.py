@@ -97,6 +97,7 @@ def load_t2i_managed(source, name: str, key: str, dtype: str, attention: str, we
         print(f"[BitDance] {name}: CUDA graphs {'on' if enabled else 'off (no CUDA device)'}", flush=True)
     managed = Managed(pipe, {"backbone": pipe.backbone, "head": pipe.head, "projector": pipe.projector,
                              "autoencoder": pipe.autoencoder}, device, key, name, offload=off, memory=decision)
+    managed.park()  # an offloaded model holds nothing on the GPU until a sampler uses it
     return managed, Tokenizer(pipe.autoencoder, managed)
 
 

@@ -162,6 +162,51 @@ def test_a_parked_offload_holds_no_device_memory_and_comes_back(reference, mode,
     off.remove()
 
 
+def test_a_parkable_stream_keeps_the_static_step(reference):
+    """Streaming with every layer resident (the 12 GiB plan: only the token embeddings in host memory)
+    must keep the static block step (the one CUDA graphs capture and compile): hooks inside the backbone
+    send every block step the eager way, so the parked backbone comes back through a hook on its root,
+    which the static step runs itself. One eager call per generation: the prefill. Parked and brought
+    back twice, the bits stay the reference's."""
+    from bitdance_core.runtime.graphs import _has_inner_hooks, enable_graphs
+
+    bits_ref, _, _ = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "stream", "cpu", resident_layers=4)
+    acc = enable_graphs(pipe, static_step_on_cpu=True)
+    assert not _has_inner_hooks(pipe.backbone.inner)
+    for n in (1, 2):
+        assert torch.equal(pipe.generate(PROMPT, **ARGS), bits_ref)
+        assert acc.stats.eager_calls == n
+        off.park()
+        assert off.device_bytes() == 0
+    off.remove()
+
+
+def test_a_return_from_host_memory_that_runs_out_of_memory_holds_nothing(reference, monkeypatch):
+    """A parked stream whose resident layers do not fit when it comes back (another model took the
+    room) stays parked and holds no slot: the node's park after the failure leaves nothing on the
+    device, and the next generation, with room again, gives the reference bits."""
+    bits_ref, _, _ = reference
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "stream", "cpu", resident_layers=1)
+    off.park()
+    real = off.stream.fixed.load
+
+    def no_room():
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated: another model holds the room)")
+
+    monkeypatch.setattr(off.stream.fixed, "load", no_room)
+    with pytest.raises(torch.OutOfMemoryError):
+        pipe.generate(PROMPT, **ARGS)
+    assert off.stream.parked and off.stream.slots == [] and off.device_bytes() == 0
+    off.park()
+    assert off.device_bytes() == 0
+    monkeypatch.setattr(off.stream.fixed, "load", real)
+    assert torch.equal(pipe.generate(PROMPT, **ARGS), bits_ref)
+    off.remove()
+
+
 def test_a_group_load_that_runs_out_of_memory_leaves_no_device_copy(monkeypatch):
     """A stage group whose copy to the device fails half-way (out of memory) points every module back
     at its master copy and stays evicted: no device copy is left that nothing counts or frees."""

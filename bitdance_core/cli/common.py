@@ -19,12 +19,18 @@ from ..errors import BitDanceError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_bf16(dev: str) -> bool:
+    """Whether this CUDA GPU computes in bf16 natively (compute capability 8.0, Ampere, or newer); not
+    torch.cuda.is_bf16_supported(), which says yes to emulated bf16 on older GPUs."""
+    return torch.cuda.get_device_properties(torch.device(dev)).major >= 8
+
+
 def device_dtype(args):
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise BitDanceError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
     if args.dtype == "auto":  # the official dtype where the GPU has it; float32 elsewhere (never float16: see README)
-        dtype = torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = torch.bfloat16 if dev.startswith("cuda") and native_bf16(dev) else torch.float32
     else:
         dtype = DTYPES[args.dtype]
     if dev == "cpu" and dtype == torch.float16:

@@ -38,4 +38,5 @@ def register(sub) -> None:
     p.add_argument("--chunk", type=int, default=None, help="decode this many images at a time")
     p.add_argument("--tile", type=int, default=None, help="decode in tiles of about this many pixels a side (less memory)")
     add_common(p, out=False)
+    p.set_defaults(dtype="float32")  # the tokens of an encode are signs: float32 keeps them the official ones
     p.set_defaults(func=cmd_tokenizer)

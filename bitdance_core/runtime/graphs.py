@@ -136,8 +136,7 @@ class GraphedModule(nn.Module):
                 self.stats.captures += 1
             except Exception as e:  # capture impossible: eager from now on for this shape
                 torch.cuda.synchronize()
-                if not isinstance(e, torch.cuda.OutOfMemoryError):  # memory may be free next time: try again then
-                    self.stats.failures[key] = f"{type(e).__name__}: {e}"
+                self.stats.failures[key] = f"{type(e).__name__}: {e}"
                 self.stats.eager_calls += 1
                 return self.inner(*args)
         _replayed(self.stats, key, unchanged)
@@ -189,8 +188,7 @@ def graphed_sampler(fn):
                 stats.captures += 1
             except Exception as e:
                 torch.cuda.synchronize()
-                if not isinstance(e, torch.cuda.OutOfMemoryError):  # memory may be free next time: try again then
-                    stats.failures[key] = f"{type(e).__name__}: {e}"
+                stats.failures[key] = f"{type(e).__name__}: {e}"
                 return fn(net, cond, cfg, steps, None, noise=noise, **kw)
         _replayed(stats, key, unchanged)
         return cap[0].replay([cond, noise]).clone()
@@ -341,8 +339,7 @@ class GraphedBackbone(nn.Module):
                 self.stats.captures += 1
             except Exception as e:
                 torch.cuda.synchronize()
-                if not isinstance(e, torch.cuda.OutOfMemoryError):  # memory may be free next time: try again then
-                    self.stats.failures[shape_key] = f"{type(e).__name__}: {e}"
+                self.stats.failures[shape_key] = f"{type(e).__name__}: {e}"
                 self.stats.eager_calls += 1
                 return self.inner(inputs_embeds, positions, cache, start, mask)
         _replayed(self.stats, shape_key, unchanged)

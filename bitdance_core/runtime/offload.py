@@ -290,8 +290,10 @@ class StreamingBackbone:
         for j, layer in enumerate(self.streamed):
             self.handles.append(layer.register_forward_pre_hook(_weak_hook(self, "_before", j)))
             self.handles.append(layer.register_forward_hook(_weak_hook(self, "_after", j)))
-        for m in fixed:  # a parked backbone comes back at its first fixed module (or streamed layer)
-            self.handles.append(m.register_forward_pre_hook(_weak_hook(self, "_unpark", None)))
+        # a parked backbone comes back at its next forward: a hook on the root, which the graphed static
+        # step runs itself (hooks inside the backbone would send every block step the eager way), and in
+        # _before for a streamed layer called on its own
+        self.handles.append(backbone.register_forward_pre_hook(_weak_hook(self, "_unpark", None)))
 
     @property
     def resident_bytes(self) -> int:
@@ -301,8 +303,7 @@ class StreamingBackbone:
         """Give the device memory back between generations (the resident layers and the slots): ComfyUI
         cannot unload what it does not see, so another model gets the room. The next forward of the
         backbone brings them back (one copy of the resident layers)."""
-        if self.parked:
-            return
+        # not skipped when already parked: a return that failed half-way may have left something behind
         if self.cuda:  # the last prefetch may still be writing a slot
             torch.cuda.current_stream(self.device).synchronize()
             self.copy_stream.synchronize()
@@ -318,8 +319,11 @@ class StreamingBackbone:
     def _unpark(self, _=None) -> None:
         if not self.parked:
             return
-        self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in self.owner]
-        self.fixed.load()
+        self.fixed.load()  # out of memory here: rolled back, still parked, nothing held
+        slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in self.owner]
+        if self.cuda:  # the new slots may be memory the compute stream's queued work still reads
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.slots = slots
         self.parked = False
 
     def _fill(self, j: int, k: int) -> None:
