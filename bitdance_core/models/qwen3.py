@@ -222,10 +222,14 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def residual_input(inputs_embeds: torch.Tensor, dtype) -> torch.Tensor:
-    """The residual stream's input: float32 stays float32 (see Qwen3Backbone.forward), anything else
-    is cast to the model's dtype."""
-    return inputs_embeds if inputs_embeds.dtype == torch.float32 else inputs_embeds.to(dtype)
+def residual_dtype(inputs_dtype, model_dtype):
+    """The residual stream's dtype: float32 inputs stay float32 (see Qwen3Backbone.forward), any other
+    is the model's dtype."""
+    return torch.float32 if inputs_dtype == torch.float32 else model_dtype
+
+
+def residual_input(inputs_embeds: torch.Tensor, model_dtype) -> torch.Tensor:
+    return inputs_embeds.to(residual_dtype(inputs_embeds.dtype, model_dtype))
 
 
 class Qwen3Backbone(nn.Module):

@@ -77,7 +77,8 @@ def _under_prefix(src: Fp8Source, prefixes: Iterable[str], probe: str, what: str
     p = _pick_prefix(src, prefixes, probe)
     if not p:
         return src
-    outside = sorted(k for k in src.shapes if not k.startswith(p) and k not in set(quiet))
+    quiet = set(quiet)
+    outside = sorted(k for k in src.shapes if not k.startswith(p) and k not in quiet)
     _warn_unused(src.origin, outside, what)
     return src.with_prefix_stripped(p)
 
@@ -86,8 +87,8 @@ def _unused_keys(module: nn.Module, src, what: str, ignore: Iterable[str] = ()) 
     """`ignore` plus the file's keys that `module` has no place for, named on the console: what a split
     file carries beyond the model (the pack that made them loads the text encoder non-strictly).
     Missing keys and wrong shapes are still refused by the strict check."""
-    want = set(module.state_dict())
-    extra = sorted(k for k in src.shapes if k not in want and k not in set(ignore))
+    known = set(module.state_dict()) | set(ignore)
+    extra = sorted(k for k in src.shapes if k not in known)
     _warn_unused(src.origin, extra, what)
     return tuple(ignore) + tuple(extra)
 

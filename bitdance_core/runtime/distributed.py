@@ -38,7 +38,6 @@ class ProcessGroup:
     world: int
     local_rank: int
     joined: bool  # a torch.distributed group was started (more than one process)
-    comm_device: str = "cpu"  # where the collectives' tensors live (gloo: the CPU)
     _held: list = field(default_factory=list, repr=False)  # every tensor a collective saw, until close()
 
     @property
@@ -53,14 +52,14 @@ class ProcessGroup:
 
     def _encode(self, obj) -> torch.Tensor:
         data = json.dumps(obj).encode()
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.comm_device)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     @staticmethod
     def _decode(buf: torch.Tensor, n: int):
-        return json.loads(bytes(buf[:n].cpu().numpy()).decode())
+        return json.loads(bytes(buf[:n].numpy()).decode())
 
     def _size(self, n: int) -> torch.Tensor:
-        return torch.tensor([n], dtype=torch.long, device=self.comm_device)
+        return torch.tensor([n], dtype=torch.long)
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (JSON: tuples arrive as lists, keys as strings)."""
@@ -72,7 +71,7 @@ class ProcessGroup:
         size = self._size(0 if data is None else data.numel())
         dist.broadcast(size, src=0)
         n = int(size.item())
-        buf = data if data is not None else torch.empty(n, dtype=torch.uint8, device=self.comm_device)
+        buf = data if data is not None else torch.empty(n, dtype=torch.uint8)
         dist.broadcast(buf, src=0)
         self._held += [size, buf]
         return self._decode(buf, n)
@@ -88,7 +87,7 @@ class ProcessGroup:
         sizes = [torch.empty_like(size) for _ in range(self.world)]
         dist.all_gather(sizes, size)
         ns = [int(s.item()) for s in sizes]
-        buf = torch.zeros(max(ns), dtype=torch.uint8, device=self.comm_device)
+        buf = torch.zeros(max(ns), dtype=torch.uint8)
         buf[:data.numel()] = data
         bufs = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(bufs, buf)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.qwen3 import grouped_query_attention, residual_input, rope_tables
+from ..models.qwen3 import grouped_query_attention, residual_dtype, residual_input, rope_tables
 from ..models.sampler import predraw_noise
 
 
@@ -306,7 +306,7 @@ class GraphedBackbone(nn.Module):
             key_mask = key_mask.clone()
             key_mask[:, :m.shape[1]] &= m
         key_mask = key_mask[:, None, None, :]
-        cos, sin = rope_tables(self.inner.config, positions, residual_input(inputs_embeds, self.inner.dtype).dtype)
+        cos, sin = rope_tables(self.inner.config, positions, residual_dtype(inputs_embeds.dtype, self.inner.dtype))
         for hook in list(self.inner._forward_pre_hooks.values()):
             hook(self.inner, (inputs_embeds, positions, cache, start, mask))  # e.g. stage offload
         if not graphable:

@@ -234,10 +234,6 @@ class StageOffload:
         for g in list(self.resident):
             self._evict(g)
 
-    def park(self) -> None:
-        """Give the device memory back between uses: every group is brought in again when used."""
-        self.evict_all()
-
     def remove(self) -> None:
         self.evict_all()
         if _is_cuda(self.device) and torch.cuda.is_available():
@@ -442,7 +438,7 @@ class Offload:
         if self.stream is not None:
             self.stream.park()
         if self.stage is not None:
-            self.stage.park()
+            self.stage.evict_all()  # each group comes back when used
 
     def remove(self) -> None:
         if self.stream is not None:
@@ -479,18 +475,19 @@ def apply_offload(pipe, mode: str, device, budget_bytes: int | None = None, resi
     if mode == "none":
         for m in (pipe.backbone, pipe.head, pipe.projector, pipe.autoencoder):
             m.to(device)
-        pipe.offload = Offload(mode, None, None, stats)
-        return pipe.offload
-    host_embeddings(pipe.backbone)
-    emb = [pipe.backbone.model.embed_tokens]
-    if mode == "stage":
-        stage = StageOffload(pipeline_groups(pipe), device, budget_bytes, skip=emb, stats=stats, deep=AE_GROUPS, pin=pin)
-        pipe.offload = Offload(mode, stage, None, stats)  # the pipeline owns it: its hooks hold it weakly
-        return pipe.offload
-    n = len(pipe.backbone.model.layers)
-    resident = n // 2 if resident_layers is None else resident_layers
-    stream = StreamingBackbone(pipe.backbone, device, resident, stats=stats, pin=pin)
-    stage = StageOffload(pipeline_groups(pipe, include_backbone=False), device, budget_bytes, stats=stats,
-                         deep=AE_GROUPS, pin=pin)
-    pipe.offload = Offload(mode, stage, stream, stats)
-    return pipe.offload
+        off = Offload(mode, None, None, stats)
+    elif mode == "stage":
+        host_embeddings(pipe.backbone)
+        stage = StageOffload(pipeline_groups(pipe), device, budget_bytes, skip=[pipe.backbone.model.embed_tokens],
+                             stats=stats, deep=AE_GROUPS, pin=pin)
+        off = Offload(mode, stage, None, stats)
+    else:
+        host_embeddings(pipe.backbone)
+        n = len(pipe.backbone.model.layers)
+        resident = n // 2 if resident_layers is None else resident_layers
+        stream = StreamingBackbone(pipe.backbone, device, resident, stats=stats, pin=pin)
+        stage = StageOffload(pipeline_groups(pipe, include_backbone=False), device, budget_bytes, stats=stats,
+                             deep=AE_GROUPS, pin=pin)
+        off = Offload(mode, stage, stream, stats)
+    pipe.offload = off  # the pipeline owns its offload: the hooks hold it weakly
+    return off
