@@ -3,12 +3,19 @@
 Key names follow the released `ae.safetensors` / `ae_*.safetensors` (bare `encoder.*`, `decoder.*`).
 Two decoders exist: the plain one (T2I, d16c32, ImageNet) and the GAN decoder (d32c128, d32c256),
 which concatenates a Gaussian noise block to the bits before `conv_in`.
+
+Dtypes follow the official code, which runs the tokenizer with bf16 weights under CUDA's bf16 autocast:
+convolutions and linears compute in the weights' dtype (their inputs cast to it), GroupNorm computes
+and returns float32 (it is on autocast's float32 list), so swish runs in float32 too, and sums promote.
+A level whose ResBlocks keep their width therefore carries a float32 residual stream from its adaptive
+norm on. With float32 weights every step is float32, as before.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitDanceError
@@ -59,8 +66,42 @@ class AutoencoderConfig:
                              "num_res_blocks": self.num_res_blocks}, "gan_decoder": self.gan_decoder}
 
 
-def swish(x):
-    return x * torch.sigmoid(x)
+def _f32(t):
+    return None if t is None else t.float()
+
+
+def group_norm_fp32(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` computed and returned in float32, as under the official autocast."""
+    return F.group_norm(x.float(), norm.num_groups, _f32(norm.weight), _f32(norm.bias), norm.eps)
+
+
+NORM_CHUNKS = 8  # norm_swish works through a GroupNorm's groups in this many parts
+
+
+def norm_swish(norm: nn.GroupNorm, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """swish(norm(x)) in float32, rounded once to the dtype of `conv`, which reads it next.
+
+    Without autograd it goes through the groups in parts, each normalised on its own (a group's
+    statistics are its own, so the values are the same): the float32 temporaries are a part's, not
+    a whole activation's, as they would be at the decode's memory peak."""
+    dtype = conv.weight.dtype
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())):
+        y = group_norm_fp32(norm, x)
+        return (y * torch.sigmoid(y)).to(dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    per_group = x.shape[1] // norm.num_groups
+    step = per_group * max(1, norm.num_groups // NORM_CHUNKS)
+    for a in range(0, x.shape[1], step):
+        part = slice(a, min(a + step, x.shape[1]))
+        w, b = (None if t is None else t[part].float() for t in (norm.weight, norm.bias))
+        y = F.group_norm(x[:, part].float(), (part.stop - a) // per_group, w, b, norm.eps)
+        out[:, part] = y.mul_(torch.sigmoid(y))
+    return out
+
+
+def conv_as_weights(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) in the conv's weight dtype, as autocast casts its input."""
+    return conv(x.to(conv.weight.dtype))
 
 
 class ResBlock(nn.Module):
@@ -73,9 +114,13 @@ class ResBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1, bias=False) if cin != cout else None
 
     def forward(self, x):
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
-        return h + (self.nin_shortcut(x) if self.nin_shortcut is not None else x)
+        h = self.conv1(norm_swish(self.norm1, x, self.conv1))
+        h = norm_swish(self.norm2, h, self.conv2)  # the first conv's output goes before the second conv runs
+        h = self.conv2(h)
+        residual = conv_as_weights(self.nin_shortcut, x) if self.nin_shortcut is not None else x
+        # h + residual, promoted: a float32 input (after an adaptive norm) keeps the stream in float32.
+        # Added into h (or its float32 copy): a mixed-dtype sum on the CPU makes a float32 copy of h first.
+        return h.to(torch.promote_types(h.dtype, residual.dtype)).add_(residual)
 
 
 def depth_to_space_dcr(x: torch.Tensor, block: int = 2) -> torch.Tensor:
@@ -92,7 +137,7 @@ class Upsampler(nn.Module):
         self.conv1 = nn.Conv2d(dim, dim * 4, 3, padding=1)
 
     def forward(self, x):
-        return depth_to_space_dcr(self.conv1(x), 2)
+        return depth_to_space_dcr(conv_as_weights(self.conv1, x), 2)
 
 
 class AdaptiveGroupNorm(nn.Module):
@@ -106,15 +151,18 @@ class AdaptiveGroupNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, style_std, style_mean):
+        """float32 out (the GroupNorm's dtype): the scale and shift come in the linears' dtype."""
         b, c = x.shape[:2]
-        scale = self.gamma(style_std).view(b, c, 1, 1)
-        bias = self.beta(style_mean).view(b, c, 1, 1)
-        return scale * self.gn(x) + bias
+        scale = self.gamma(style_std.to(self.gamma.weight.dtype)).view(b, c, 1, 1)
+        bias = self.beta(style_mean.to(self.beta.weight.dtype)).view(b, c, 1, 1)
+        y = group_norm_fp32(self.gn, x)
+        return y * scale + bias if torch.is_grad_enabled() and y.requires_grad else y.mul_(scale).add_(bias)
 
 
 def style_stats(z: torch.Tensor, eps: float = 1e-6):
-    """Per-channel std (unbiased var, as upstream) and mean of the latent over its whole grid."""
-    flat = z.flatten(2)
+    """Per-channel std (unbiased var, as upstream) and mean of the latent over its whole grid, in float32
+    (the official decoder gets the sampler's float32 tokens)."""
+    flat = z.float().flatten(2)
     return (flat.var(dim=-1) + eps).sqrt(), flat.mean(dim=-1)
 
 
@@ -138,15 +186,15 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 1)
 
     def forward(self, x):
-        x = self.conv_in(x)
+        x = conv_as_weights(self.conv_in, x)
         for level in self.down:
             for blk in level.block:
                 x = blk(x)
             if hasattr(level, "downsample"):
-                x = level.downsample(x)
+                x = conv_as_weights(level.downsample, x)
         for blk in self.mid_block:
             x = blk(x)
-        return self.conv_out(swish(self.norm_out(x)))
+        return self.conv_out(norm_swish(self.norm_out, x, self.conv_out))
 
 
 class Decoder(nn.Module):
@@ -175,16 +223,16 @@ class Decoder(nn.Module):
     def forward(self, z, generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
         """`noise`: the GAN decoder's noise block (default: drawn from `generator` in z's shape)."""
         x = self.trunk(z, generator, noise, stop=0)
-        return self.conv_out(swish(self.norm_out(x)))
+        return self.conv_out(norm_swish(self.norm_out, x, self.conv_out))
 
     def stem(self, z, generator=None, noise=None):
         """conv_in of the bits (the GAN decoder's: of the bits and a noise block, drawn from `generator`
-        in the bits' shape unless given)."""
+        in the bits' shape and dtype unless given)."""
         if self.gan:
             if noise is None:
                 noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z = torch.cat([z, noise], dim=1)
-        return self.conv_in(z)
+        return conv_as_weights(self.conv_in, z)
 
     def trunk(self, z, generator=None, noise=None, stop: int = 0):
         """stem, the mid blocks and the levels down to `stop` (its ResBlocks, not its upsampler)."""

@@ -60,7 +60,7 @@ class BinaryAutoencoder(nn.Module):
                 f"bits must be [B, {self.config.z_channels}, h, w] for this tokenizer, got {list(bits.shape)}")
         require(chunk is None or (isinstance(chunk, int) and chunk >= 1), f"chunk must be an integer >= 1, got {chunk}")
         require(tile is None or (isinstance(tile, int) and tile >= 1), f"tile must be a positive number of pixels, got {tile}")
-        bits = bits.to(self._param_dtype())
+        bits = bits.float()  # ±1 in any dtype; float32 as the official decoder gets them (style statistics, noise)
         noise = None
         if self.config.gan_decoder:
             noise = torch.randn(bits.shape, generator=generator, device=bits.device, dtype=bits.dtype)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .ae_layers import Decoder, style_stats
+from .ae_layers import Decoder, conv_as_weights, style_stats
 
 
 def _program(dec: Decoder, split: int) -> list[tuple]:
@@ -85,7 +85,8 @@ def _merge(acc, part):
 
 def _normalize(x, module, kind: str, stats, style):
     """GroupNorm with the whole image's statistics, then the affine (or adaptive) scale and shift and,
-    for the ResBlock / output norms, swish: y = x * a + b per channel, in float32, in place."""
+    for the ResBlock / output norms, swish: y = x * a + b per channel, in float32, returned in float32
+    as the whole decode's norms return it (ae_layers.py); the next conv rounds it to its dtype."""
     n, mean, m2 = stats
     gn = module.gn if kind == "adaptive" else module
     b, c = x.shape[:2]
@@ -93,7 +94,8 @@ def _normalize(x, module, kind: str, stats, style):
     mu = mean.float().repeat_interleave(c // gn.num_groups, dim=1)
     if kind == "adaptive":
         std, smean = style
-        scale, shift = module.gamma(std).float().view(b, c), module.beta(smean).float().view(b, c)
+        scale = module.gamma(std.to(module.gamma.weight.dtype)).float().view(b, c)
+        shift = module.beta(smean.to(module.beta.weight.dtype)).float().view(b, c)
     else:
         scale, shift = gn.weight.float().view(1, c), gn.bias.float().view(1, c)
     a = rstd * scale
@@ -101,7 +103,7 @@ def _normalize(x, module, kind: str, stats, style):
     y.mul_(a.view(-1, c, 1, 1)).add_((shift - mu * a).view(-1, c, 1, 1))
     if kind != "adaptive":
         y.mul_(torch.sigmoid(y))
-    return y.to(x.dtype)
+    return y
 
 
 @torch.no_grad()
@@ -145,7 +147,7 @@ def decode_tiled(dec: Decoder, z: torch.Tensor, noise: torch.Tensor | None, tile
                 if kind == "norm":
                     xt = _normalize(xt, op[1], op[2], stats, style)
                 elif kind == "conv":
-                    xt = op[1](xt)
+                    xt = conv_as_weights(op[1], xt)
                 elif kind == "up":
                     xt = op[1](xt)
                     s *= 2
@@ -153,7 +155,7 @@ def decode_tiled(dec: Decoder, z: torch.Tensor, noise: torch.Tensor | None, tile
                     st["skip"] = xt
                 elif kind == "add":
                     skip = st.pop("skip")
-                    xt = xt + (op[1](skip) if op[1] is not None else skip)
+                    xt = xt + (conv_as_weights(op[1], skip) if op[1] is not None else skip)
             if end < len(ops):  # the next GroupNorm's statistics, from this tile's core
                 gn = ops[end][1].gn if ops[end][2] == "adaptive" else ops[end][1]
                 new_stats = _merge(new_stats, _partial_stats(_core_view(xt, t, s), gn.num_groups))

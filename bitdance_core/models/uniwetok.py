@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BitDanceError, require
-from .ae_layers import AutoencoderConfig, Decoder, ResBlock
+from .ae_layers import AutoencoderConfig, Decoder, ResBlock, conv_as_weights
 from .autoencoder import BinaryAutoencoder
 
 REGISTER_TOKENS = 4
@@ -242,7 +242,7 @@ class GANDecoder(Decoder, RegisterAttention):
         """The GAN decoder's conv_in of the bits and their noise block, then UniWeTok's attention blocks."""
         if noise is None:
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        return self.attend(self.conv_in(torch.cat([z, noise], dim=1)))
+        return self.attend(conv_as_weights(self.conv_in, torch.cat([z, noise], dim=1)))
 
 
 def nearest_size(side: int, factor: int, minimum: int) -> int:

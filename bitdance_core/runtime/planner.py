@@ -201,10 +201,13 @@ def head_forward_peak(head, rows: int, P: int, s: int) -> int:
 
 
 def decoder_peak(ae, batch: int, height: int, width: int, s: int) -> int:
-    """Largest transient of the autoencoder decode. Per level (widest first): a ResBlock holds its
-    input, the first conv's output and the group-norm, sigmoid and swish tensors of the second half
-    (5 activations of the wider side); an upsample holds its input, the conv output (4c channels)
-    and the depth-to-space copy. The final norm + swish hold 4 full-resolution activations."""
+    """Largest transient of the autoencoder decode, with the dtypes of ae_layers.py: convs in the
+    weights' `s` bytes a value, the residual stream in float32 from a level's adaptive norm on (4
+    bytes), GroupNorm + swish in float32 a few groups at a time (small). Per level (widest first): a
+    ResBlock holds its input and, around a conv, the conv's input, its output and a copy of its input
+    (CPU convolutions make one; on a GPU the workspace takes its place): 4 + 3s bytes a value. An
+    upsample holds its input, the conv output (4c channels) and the depth-to-space copy. The final
+    norm + swish hold the input and the conv's input and its copy at full resolution."""
     f = ae.downsample
     h, w = height // f, width // f
     n = len(ae.ch_mult)
@@ -213,12 +216,12 @@ def decoder_peak(ae, batch: int, height: int, width: int, s: int) -> int:
     for i in reversed(range(n)):
         px = batch * (h * 2 ** (n - 1 - i)) * (w * 2 ** (n - 1 - i))
         c = ae.ch * ae.ch_mult[i]
-        best = max(best, 5 * px * max(block_in, c) * s)
+        best = max(best, px * max(block_in, c) * (4 + 3 * s))
         block_in = c
         if i > 0:
-            best = max(best, px * c * s + 2 * px * 4 * c * s)
-    top = batch * height * width * ae.ch * ae.ch_mult[0] * s
-    best = max(best, 4 * top)
+            best = max(best, px * c * (4 + 2 * 4 * s))
+    top = batch * height * width * ae.ch * ae.ch_mult[0]
+    best = max(best, top * (4 + 2 * s))
     return best + batch * height * width * ae.out_ch * s
 
 
