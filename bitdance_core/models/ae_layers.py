@@ -88,7 +88,7 @@ def norm_swish(norm: nn.GroupNorm, x: torch.Tensor, conv: nn.Conv2d) -> torch.Te
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())):
         y = group_norm_fp32(norm, x)
         return (y * torch.sigmoid(y)).to(dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    out = torch.empty_like(x, dtype=dtype)  # in x's memory format: the ImageNet tokenizer runs channels_last
     per_group = x.shape[1] // norm.num_groups
     step = per_group * max(1, norm.num_groups // NORM_CHUNKS)
     for a in range(0, x.shape[1], step):
