@@ -237,3 +237,52 @@ def test_class_names_in_index_order():
     with pytest.raises(BitDanceError, match="out of range"):
         parse_classes("1000")
     assert parse_classes("1000", allow_null=True) == [1000]
+
+
+# ---- bf16 as the official autocast runs it --------------------------------------------------------------
+
+def _head_conditions(model, seed=0):
+    """The head's condition at every AR step (hidden + position, float32 for comparison) for two
+    classes and their null rows, teacher-forced with the same random tokens for any model."""
+    from bitdance_core.models.imagenet import KVCache, first_step_mask
+
+    c, P = model.config, model.config.parallel_num
+    y = torch.tensor([1, 2, c.num_classes, c.num_classes])
+    tokens = torch.randint(0, 2, (4, c.steps, P, c.token_dim), generator=torch.Generator().manual_seed(seed)) * 2.0 - 1
+    cache = KVCache(c, 4, c.grid * c.grid + c.cls_token_num, model.dtype, "cpu")
+    x = model.cls_embedding(y).view(4, c.cls_token_num, c.dim)
+    if P > 1:
+        x = torch.cat([x, model.query_token.expand(4, -1, -1)], dim=1)
+    start, mask, out = 0, first_step_mask(c, "cpu"), []
+    with torch.no_grad():
+        for i in range(c.steps):
+            if i > 0:
+                x = model.proj_in(tokens[:, i - 1].to(model.dtype))
+                start, mask = P * (i - 1) + c.cls_token_num + P - 1, None
+            hidden = model.forward_tokens(x, cache, start, mask)[:, -P:] + model.pos_for_diff.weight[i * P:(i + 1) * P]
+            out.append(hidden)
+    return torch.cat(out, dim=1)
+
+
+@needs_tiny
+def test_bf16_keeps_what_the_official_autocast_keeps_in_float32():
+    """The official sampler runs the float32 model under bf16 autocast: its linears compute in bf16,
+    its norms, embeddings and head positions stay float32, so the residual stream and the head's
+    condition are float32. A bf16 load does the same; its head conditions are nearer the float32
+    model's than those of the same weights all in bf16 (the stream rounded at every sum)."""
+    import copy
+
+    ck = os.path.join(TINY, "model.pt")
+    ref = _head_conditions(load_imagenet(ck).model)
+    model = load_imagenet(ck, dtype=torch.bfloat16).model
+    kept = {n for n, p in model.named_parameters() if p.dtype == torch.float32 and not n.startswith("vae.")}
+    norms = {f"layers.{i}.{k}_norm.weight" for i in range(model.config.n_layer) for k in ("attention", "ffn")}
+    assert kept == {"query_token", "cls_embedding.weight", "emb_norm.weight", "norm.weight", "pos_for_diff.weight"} | norms
+    assert model.dtype == torch.bfloat16 and model.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
+    conds = _head_conditions(model)
+    assert conds.dtype == torch.float32
+    all_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    plain = _head_conditions(all_bf16)
+    assert plain.dtype == torch.bfloat16
+    err, err_plain = (conds - ref).abs().mean().item(), (plain.float() - ref).abs().mean().item()
+    assert err < 0.9 * err_plain, (err, err_plain)

@@ -6,6 +6,12 @@ on interleaved pairs; class and query tokens sit at the origin (no rotation). 1x
 token per step (raster order, MLP head); 4x/16x models predict a p x p block per step (block order,
 transformer head), block-causal: each block sees itself and everything before it.
 The sampling loop and loading live in pipelines/imagenet.py.
+
+Dtypes follow the official sampler, which runs the float32 model under bf16 autocast: in a bf16
+load the linears are bf16 (their inputs cast to them), while the norms, the class and query
+embeddings and the head's position table stay float32 (FLOAT32_KEYS), so the residual stream is
+float32 (a float32 input plus a bf16 branch) and so is the head's condition. With float32 weights
+every step is float32, as before.
 """
 from __future__ import annotations
 
@@ -18,6 +24,13 @@ from .head import DiffusionHead
 from .imagenet_config import ImageNetConfig
 
 
+def keeps_float32(name: str) -> bool:
+    """The weights a bf16 load keeps in float32, as the official model has them under autocast: every
+    RMSNorm's, the class and query embeddings, the head's position table (not the tokenizer's)."""
+    return name in ("cls_embedding.weight", "query_token", "pos_for_diff.weight", "emb_norm.weight", "norm.weight") or (
+        name.startswith("layers.") and name.endswith(("attention_norm.weight", "ffn_norm.weight")))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -25,7 +38,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        """In the weight's dtype: a bf16 input (proj_in's output) to a float32 norm gives float32."""
+        return F.rms_norm(x.to(self.weight.dtype), (x.shape[-1],), self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -37,7 +51,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, cout, bias=bias)
 
     def forward(self, x):
-        a, b = self.w1(x).chunk(2, dim=-1)
+        a, b = self.w1(x.to(self.w1.weight.dtype)).chunk(2, dim=-1)
         return self.w2(F.silu(a) * b)
 
 
@@ -81,7 +95,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache: KVCache, layer: int, start: int, mask):
         b, n, _ = x.shape
-        q, k, v = (t.view(b, n, self.n_head, self.head_dim) for t in self.wqkv(x).chunk(3, dim=-1))
+        qkv = self.wqkv(x.to(self.wqkv.weight.dtype))
+        q, k, v = (t.view(b, n, self.n_head, self.head_dim) for t in qkv.chunk(3, dim=-1))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cache.k[layer, :, :, start:start + n] = k
@@ -104,6 +119,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim)
 
     def forward(self, x, rope, cache, layer, start, mask):
+        # the sums promote: a float32 stream stays float32 beside the bf16 branches
         h = x + self.attention(self.attention_norm(x), rope, cache, layer, start, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -157,7 +173,8 @@ class ImageNetModel(nn.Module):
 
     @property
     def dtype(self):
-        return self.norm.weight.dtype
+        """The compute dtype: the linears' (the norms may be float32 beside bf16 linears)."""
+        return self.proj_in.w1.weight.dtype
 
     def rope(self, device) -> torch.Tensor:
         if self._rope is None or self._rope.device != torch.device(device):
