@@ -68,6 +68,23 @@ def test_blocks_are_the_gguf_packages_and_the_error_is_bounded():
     assert 0.02 < rel < 0.15, rel  # 16 levels per block of 32 (fp8 e4m3: ~0.03, bf16: ~0.002)
 
 
+def test_quantising_in_chunks_on_threads_gives_the_packages_bytes(monkeypatch):
+    """quantize_q4_0 hands the gguf quantiser chunks of rows on several threads (a 14B backbone is
+    quantised on load): the bytes are those of one call on the whole weight, a last short chunk included."""
+    from bitdance_core.formats import q4
+
+    monkeypatch.setattr(q4, "QUANTIZE_CHUNK", 5 * 256)  # 5 rows a chunk: 48 rows make 10 chunks, the last of 3
+    w = _weights(48, 256, seed=1)
+    whole = torch.from_numpy(gguf.quants.quantize(w.numpy(), Q4_0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert torch.equal(q4.quantize_q4_0(w), whole)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(q4.quantize_q4_0(w[:, :64]), torch.from_numpy(gguf.quants.quantize(w[:, :64].numpy(), Q4_0)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dequantisation_in_half_precision_rounds_only_the_scale(dtype):
     w = _weights(32, 128, seed=1)

@@ -19,8 +19,10 @@ Quantising: `quantize_q4_0` (the `gguf` package, on the CPU, from float32), one 
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,14 +53,30 @@ def block_bytes_shape(out_features: int, in_features: int) -> tuple[int, int]:
 
 # ---- the arithmetic -------------------------------------------------------------------------
 
+QUANTIZE_CHUNK = 1 << 19  # weights per call of the gguf quantiser: its numpy temporaries stay in cache
+
+
 def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
     """[out, in] float (in a multiple of 32) -> its GGUF Q4_0 blocks, uint8 [out, in / 32 * 18], on the CPU.
-    The `gguf` package's quantiser (numpy, float32): the same bytes as a GGUF file made by its tools."""
+    The `gguf` package's quantiser (numpy, float32): the same bytes as a GGUF file made by its tools.
+
+    Rows are quantised in chunks on torch's CPU threads (numpy releases the GIL in its loops; a block
+    is 32 weights of one row, so chunks of rows give the same bytes). Measured at Qwen3-14B's linear
+    shapes on 2 cores: 45 s for the 40 layers, against 70 s in one call per weight."""
     require(w.dim() == 2 and w.shape[1] % BLOCK == 0,
             f"Q4_0 quantisation takes a 2-D weight whose rows are a multiple of {BLOCK} long, got shape {list(w.shape)}")
     gguf = gguf_package()
     a = w.detach().to("cpu", torch.float32).contiguous().numpy()
-    return torch.from_numpy(gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q4_0))
+    rows = max(1, QUANTIZE_CHUNK // a.shape[1])
+    chunks = [a[i:i + rows] for i in range(0, a.shape[0], rows)]
+
+    def quantize(chunk):
+        return gguf.quants.quantize(chunk, gguf.GGMLQuantizationType.Q4_0)
+
+    if len(chunks) == 1:
+        return torch.from_numpy(quantize(a))
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        return torch.from_numpy(np.concatenate(list(pool.map(quantize, chunks))))
 
 
 def dequantize_q4_0(blocks: torch.Tensor, in_features: int, dtype=torch.float32) -> torch.Tensor:
