@@ -275,10 +275,14 @@ def test_bf16_keeps_what_the_official_autocast_keeps_in_float32():
     ck = os.path.join(TINY, "model.pt")
     ref = _head_conditions(load_imagenet(ck).model)
     model = load_imagenet(ck, dtype=torch.bfloat16).model
-    kept = {n for n, p in model.named_parameters() if p.dtype == torch.float32 and not n.startswith("vae.")}
+    kept = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
     norms = {f"layers.{i}.{k}_norm.weight" for i in range(model.config.n_layer) for k in ("attention", "ffn")}
-    assert kept == {"query_token", "cls_embedding.weight", "emb_norm.weight", "norm.weight", "pos_for_diff.weight"} | norms
+    backbone = {"query_token", "cls_embedding.weight", "emb_norm.weight", "norm.weight", "pos_for_diff.weight"} | norms
+    others = kept - backbone
+    assert backbone <= kept and {"head.net.res_blocks.0.norm1.bias", "vae.decoder.norm_out.weight"} <= others
+    assert all(".norm" in n or n.split(".")[-2].startswith("norm") for n in others), others  # the norms only
     assert model.dtype == torch.bfloat16 and model.layers[0].attention.wqkv.weight.dtype == torch.bfloat16
+    assert model.vae.decoder.conv_out.weight.dtype == model.head.net.input_proj.weight.dtype == torch.bfloat16
     conds = _head_conditions(model)
     assert conds.dtype == torch.float32
     all_bf16 = copy.deepcopy(model).to(torch.bfloat16)

@@ -9,7 +9,7 @@ The sampling loop and loading live in pipelines/imagenet.py.
 
 Dtypes follow the official sampler, which runs the float32 model under bf16 autocast: in a bf16
 load the linears are bf16 (their inputs cast to them), while the norms, the class and query
-embeddings and the head's position table stay float32 (FLOAT32_KEYS), so the residual stream is
+embeddings and the head's position table stay float32 (float32_names), so the residual stream is
 float32 (a float32 input plus a bf16 branch) and so is the head's condition. With float32 weights
 every step is float32, as before.
 """
@@ -24,11 +24,16 @@ from .head import DiffusionHead
 from .imagenet_config import ImageNetConfig
 
 
-def keeps_float32(name: str) -> bool:
-    """The weights a bf16 load keeps in float32, as the official model has them under autocast: every
-    RMSNorm's, the class and query embeddings, the head's position table (not the tokenizer's)."""
-    return name in ("cls_embedding.weight", "query_token", "pos_for_diff.weight", "emb_norm.weight", "norm.weight") or (
-        name.startswith("layers.") and name.endswith(("attention_norm.weight", "ffn_norm.weight")))
+def float32_names(model: nn.Module) -> set[str]:
+    """The parameters a bf16 load keeps in float32, as the official float32 model has them under
+    autocast (which casts only what its bf16 ops read): the weights of every norm (the backbone's
+    RMSNorms, the head's LayerNorms, the tokenizer's GroupNorms), the class and query embeddings and
+    the head's position table."""
+    names = {"cls_embedding.weight", "query_token", "pos_for_diff.weight"}
+    for owner, module in model.named_modules():
+        if isinstance(module, (RMSNorm, nn.LayerNorm, nn.GroupNorm)):
+            names |= {f"{owner}.{p}" for p, _ in module.named_parameters(recurse=False)}
+    return names
 
 
 class RMSNorm(nn.Module):

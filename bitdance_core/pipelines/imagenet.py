@@ -17,7 +17,7 @@ import torch
 
 from ..errors import BitDanceError, require
 from ..formats.checkpoints import TensorSource, check_keys, load_pt, materialize, open_safetensors, source_from_state_dict
-from ..models.imagenet import ImageNetModel, KVCache, build_imagenet, first_step_mask, keeps_float32
+from ..models.imagenet import ImageNetModel, KVCache, build_imagenet, first_step_mask, float32_names
 from ..models.imagenet_config import ImageNetConfig, apply_overrides, config_beside, config_from_shapes, read_config_file
 from ..models.positions import blocks_to_raster, raster_to_blocks
 from ..models.sampler import euler_maruyama, skip_draws
@@ -249,7 +249,7 @@ def load_imagenet(checkpoint: str, vae: str | None = None, config=None, device="
     cfg.validate(checkpoint)
     model = build_imagenet(cfg)
     check_keys(model, src, f"ImageNet {cfg.name}")
-    materialize(model, src, f"ImageNet {cfg.name}", device, dtype, keep_fp32=keeps_float32)
+    materialize(model, src, f"ImageNet {cfg.name}", device, dtype, keep_fp32=float32_names(model).__contains__)
     # As the official create_model: the whole model is channels_last, which decides the decoder's conv path.
     model.vae.to(memory_format=torch.channels_last)
     require(all(p.device.type != "meta" for p in model.parameters()), f"{checkpoint}: some weights were not loaded")
