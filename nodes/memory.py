@@ -49,11 +49,15 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def pin_host_copies() -> bool | None:
-    """Whether an offloaded model's host copies may be page-locked: not when ComfyUI was started with
-    --disable-pinned-memory (its own pinning is off too); otherwise the engine's default."""
+    """Whether an offloaded model's host copies may be page-locked: not where ComfyUI's own pinning is
+    off (--disable-pinned-memory, or a platform it does not pin on: its MAX_PINNED_MEMORY <= 0, e.g.
+    a GPU that is not NVIDIA's or AMD's, or an integrated one in newer ComfyUI); otherwise the
+    engine's default."""
     from comfy.cli_args import args
 
-    return False if getattr(args, "disable_pinned_memory", False) else None
+    if getattr(args, "disable_pinned_memory", False) or getattr(mm, "MAX_PINNED_MEMORY", 1) <= 0:
+        return False
+    return None
 
 
 def size_on_disk(path: str) -> int:
@@ -137,6 +141,30 @@ class Managed:
         # The engine loaded the weights onto the device itself: registered now, ComfyUI counts them (its
         # free memory, the sampler's fit check) and can unload them before the first generation.
         self.ensure_loaded()
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The model's tensors in CPU memory, one flat byte view per storage (a packed chunk of host
+        copies counts once, in full): an offloaded model's host copies, or a whole model ComfyUI has
+        moved to the CPU."""
+        tensors = list(self.patcher.model.state_dict().values())
+        if self.offload is not None:
+            tensors += self.offload.host_tensors()
+        seen, out = set(), []
+        for t in tensors:
+            storage = t.untyped_storage()
+            if t.device.type == "cpu" and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                out.append(torch.empty(0, dtype=torch.uint8).set_(storage))
+        return out
+
+    # ComfyUI's RAM caches size a cached output by these (0.3.x --cache-ram: get_ram_usage; newer
+    # RAM-pressure caches: _comfy_cache_tensors). Counted as nothing, a 14B model's ~30 GB of host
+    # copies would be the last thing evicted under memory pressure.
+    def get_ram_usage(self) -> int:
+        return sum(t.numel() for t in self.host_tensors())
+
+    def _comfy_cache_tensors(self) -> list[torch.Tensor]:
+        return self.host_tensors()
 
     def free_bytes_for_generation(self) -> int | None:
         """Device bytes a generation may use: what free_memory_for_planning counts, plus what the

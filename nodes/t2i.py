@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+from comfy.cli_args import args
 from comfy_api.latest import io
 
 from . import paths
@@ -92,6 +93,9 @@ def load_t2i_managed(source, name: str, key: str, dtype: str, attention: str, we
     make_room(key, device, torch_dtype, need=decision.plan.peak_bytes)  # need given: `key` is not read as a path
     pipe, off = load_t2i_planned(source, decision, device, torch_dtype,
                                  attention="sdpa" if attention == "auto" else attention, pin=pin_host_copies())
+    if cuda_graphs and getattr(args, "disable_cuda_graphs", False):  # a newer ComfyUI's switch
+        print(f"[BitDance] {name}: CUDA graphs off: ComfyUI was started with --disable-cuda-graphs", flush=True)
+        cuda_graphs = False
     if cuda_graphs:
         enabled = enable_cuda_graphs(pipe)  # after the offload hooks
         print(f"[BitDance] {name}: CUDA graphs {'on' if enabled else 'off (no CUDA device)'}", flush=True)

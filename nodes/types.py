@@ -39,6 +39,17 @@ class Tokenizer:
     def family(self) -> str:
         return self.ae.family
 
+    def _counted_here(self) -> bool:
+        """A tokenizer loaded alone is its own model's only output; one that came with a T2I or ImageNet
+        model is counted in that model's output, not twice."""
+        return self.owner.obj is self.ae
+
+    def get_ram_usage(self) -> int:  # ComfyUI's RAM caches: see Managed
+        return self.owner.get_ram_usage() if self._counted_here() else 0
+
+    def _comfy_cache_tensors(self) -> list:
+        return self.owner.host_tensors() if self._counted_here() else []
+
 
 def expect(value, cls, what: str, hint: str):
     """A clear error when a node receives something other than the BitDance payload it needs."""

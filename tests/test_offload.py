@@ -351,3 +351,17 @@ def test_host_registration_failure_is_recorded(monkeypatch):
     assert rep["chunks"] == 2 and rep["failures"][0] == want
     # the CPU-only PyTorch here cannot pin either: pageable, with both reasons
     assert rep["how"] == {"pageable": 2} and len(rep["failures"]) == 2 and rep["failures"][1].startswith("pin_memory failed")
+
+
+@pytest.mark.parametrize("mode", ["stage", "stream"])
+@pytest.mark.parametrize("pin", [True, False])
+def test_host_tensors_are_every_offloaded_weight_once(reference, mode, pin):
+    """Offload.host_tensors: the CPU master copies ComfyUI's RAM caches size a loaded model by. Each
+    offloaded weight appears once, on the CPU, and their bytes are the homes' own count."""
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, mode, "cpu", resident_layers=1, pin=pin)
+    host = off.host_tensors()
+    assert host and all(t.device.type == "cpu" for t in host)
+    assert len({(t.data_ptr(), t.numel()) for t in host}) == len(host)
+    assert sum(t.numel() * t.element_size() for t in host) == sum(h.nbytes for h in off.homes())
+    off.remove()

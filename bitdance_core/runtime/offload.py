@@ -412,6 +412,10 @@ class Offload:
             out += [self.stream.fixed] + self.stream.homes
         return out
 
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The CPU master copies of every offloaded weight (views into page-locked chunks when pinned)."""
+        return [master for home in self.homes() for *_, master in home.entries]
+
     def host_report(self) -> dict:
         """The host copies' chunks: how many, their bytes, how each was locked ("registered" by
         cudaHostRegister, "pinned" by PyTorch, "pageable"), the reasons for any that are not

@@ -228,6 +228,48 @@ def test_a_loaded_model_is_known_to_comfyui_before_it_samples(tmp_path):
     assert lines.get("AFTER_UNLOAD") == "0" and lines.get("AGAIN") == "1", res.stdout[-2000:]
 
 
+CACHE_AND_PIN_PROBE = REGISTRATION_PROBE.split("from bitdance_pack.nodes import t2i")[0] + """
+from comfy.cli_args import args
+from bitdance_pack.nodes import memory, t2i, tokenizer
+print("PIN_CPU", memory.pin_host_copies())  # --cpu: ComfyUI pins nothing (MAX_PINNED_MEMORY -1)
+mm.MAX_PINNED_MEMORY = 1 << 30
+print("PIN_ALLOWED", memory.pin_host_copies())
+args.disable_pinned_memory = True
+print("PIN_DISABLED", memory.pin_host_copies())
+managed, tok = t2i.BitDanceModelLoader.execute("demo/digits-t2i").result
+own = {t.data_ptr(): t.numel() * t.element_size() for m in managed.modules.values() for t in
+       list(m.parameters()) + list(m.buffers())}
+print("RAM", managed.get_ram_usage(), sum(own.values()), sum(t.numel() for t in managed._comfy_cache_tensors()))
+print("TOK_WITH_MODEL", tok.get_ram_usage(), len(tok._comfy_cache_tensors()))
+alone = tokenizer.BitDanceTokenizerLoader.execute("demo/digits-t2i").result[0]
+ae_bytes = sum(t.numel() * t.element_size() for t in list(alone.ae.parameters()) + list(alone.ae.buffers()))
+print("TOK_ALONE", alone.get_ram_usage(), alone.owner.get_ram_usage(), ae_bytes)
+"""
+
+
+def test_loaded_models_tell_comfyui_their_ram_and_follow_its_pinning(tmp_path):
+    """In ComfyUI 0.3.75's own process (on the CPU): a loaded model's output reports the CPU memory it
+    holds to ComfyUI's RAM caches (get_ram_usage for --cache-ram, _comfy_cache_tensors for the newer
+    RAM-pressure cache), a tokenizer that came with a model is not counted twice, and the host copies
+    are pinned only where ComfyUI's own pinning is on."""
+    from conftest import COMFY_DIR, COMFY_PYTHON
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(CACHE_AND_PIN_PROBE)
+    res = subprocess.run([COMFY_PYTHON, str(probe), REPO, COMFY_DIR], capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0].isupper()
+                 and " " in line)
+    assert lines.get("PIN_CPU") == "False" and lines.get("PIN_ALLOWED") == "None", res.stdout[-2000:]
+    assert lines.get("PIN_DISABLED") == "False", res.stdout[-2000:]
+    ram, own, cached = (int(x) for x in lines["RAM"].split())
+    assert own > 0 and own <= ram <= own * 1.05 and cached == ram, lines["RAM"]  # the whole model, on the CPU here
+    assert lines["TOK_WITH_MODEL"] == "0 0"
+    alone, owner, ae_bytes = (int(x) for x in lines["TOK_ALONE"].split())
+    assert alone == owner and ae_bytes <= alone <= ae_bytes * 1.05, lines["TOK_ALONE"]
+
+
 def test_models_are_managed_by_comfyui(comfy):
     """Our model is loaded through comfy.model_management (a ModelPatcher), ComfyUI's "free memory"
     (unload models + drop caches) releases it, and the next prompt reloads it with the same result."""
