@@ -244,6 +244,9 @@ print("TOK_WITH_MODEL", tok.get_ram_usage(), len(tok._comfy_cache_tensors()))
 alone = tokenizer.BitDanceTokenizerLoader.execute("demo/digits-t2i").result[0]
 ae_bytes = sum(t.numel() * t.element_size() for t in list(alone.ae.parameters()) + list(alone.ae.buffers()))
 print("TOK_ALONE", alone.get_ram_usage(), alone.owner.get_ram_usage(), ae_bytes)
+t2i.BitDanceModelLoader.execute("demo/digits-t2i", cuda_graphs=True)  # on the CPU: "off (no CUDA device)"
+args.disable_cuda_graphs = True  # a newer ComfyUI's flag
+t2i.BitDanceModelLoader.execute("demo/digits-t2i", cuda_graphs=True)
 """
 
 
@@ -251,7 +254,8 @@ def test_loaded_models_tell_comfyui_their_ram_and_follow_its_pinning(tmp_path):
     """In ComfyUI 0.3.75's own process (on the CPU): a loaded model's output reports the CPU memory it
     holds to ComfyUI's RAM caches (get_ram_usage for --cache-ram, _comfy_cache_tensors for the newer
     RAM-pressure cache), a tokenizer that came with a model is not counted twice, and the host copies
-    are pinned only where ComfyUI's own pinning is on."""
+    are pinned only where ComfyUI's own pinning is on; a newer ComfyUI's --disable-cuda-graphs (set
+    here on 0.3.75's args) turns the loader's cuda_graphs off."""
     from conftest import COMFY_DIR, COMFY_PYTHON
 
     probe = tmp_path / "probe.py"
@@ -268,6 +272,8 @@ def test_loaded_models_tell_comfyui_their_ram_and_follow_its_pinning(tmp_path):
     assert lines["TOK_WITH_MODEL"] == "0 0"
     alone, owner, ae_bytes = (int(x) for x in lines["TOK_ALONE"].split())
     assert alone == owner and ae_bytes <= alone <= ae_bytes * 1.05, lines["TOK_ALONE"]
+    graphs = [line for line in res.stdout.splitlines() if "CUDA graphs" in line]
+    assert len(graphs) == 2 and "no CUDA device" in graphs[0] and "--disable-cuda-graphs" in graphs[1], graphs
 
 
 def test_models_are_managed_by_comfyui(comfy):
