@@ -12,7 +12,7 @@ from .pipelines.continuation import BlockGrid, extend_canvas, keep_from_noise_ma
 from .pipelines.imagenet import ImageNetPipeline, load_imagenet
 from .pipelines.imagenet_info import ImageNetInfo, describe_imagenet
 from .pipelines.imagenet_classes import class_index, class_label, imagenet_class_names, parse_class_label, parse_classes
-from .pipelines.comfy_split import SplitConfigs, describe_split, load_split, read_split_configs
+from .pipelines.comfy_split import SplitConfigs, describe_split, load_split, read_split_configs, split_file_kind
 from .pipelines.images import from_unit_hwc, to_uint8, to_uint8_rounded, to_unit_hwc
 from .pipelines.prompts import PromptTokens
 from .pipelines.t2i import OFFICIAL_SIZES, T2IPipeline
@@ -29,4 +29,4 @@ __all__ = ["BinaryAutoencoder", "BitDanceError", "BlockGrid", "ImageNetInfo", "I
            "describe_t2i", "extend_canvas", "find_autoencoder_files", "find_t2i_files", "find_tokenizer_files",
            "find_uniwetok_files", "from_unit_hwc", "imagenet_class_names", "is_uniwetok_checkpoint", "keep_from_noise_mask",
            "keep_rows", "load_imagenet", "load_split", "load_t2i", "load_tokenizer", "parse_class_label", "parse_classes",
-           "read_split_configs", "read_t2i_configs", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]
+           "read_split_configs", "read_t2i_configs", "split_file_kind", "to_uint8", "to_uint8_rounded", "to_unit_hwc"]

@@ -172,21 +172,47 @@ def comfy_qwen_vocab() -> str:
     return os.path.join(next(iter(comfy.__path__)), "text_encoders", "qwen25_tokenizer")
 
 
+SPLIT_SLOT_OF_FOLDER = {"diffusion_models": "main_model", "text_encoders": "text_encoder", "vae": "vae"}
+
+
+def _split_files_in_bitdance(folder_name: str) -> dict[str, str]:
+    """{name: path} of the .safetensors files at the top of models/bitdance/ whose keys make this slot's
+    kind of split file: some guides put the three files there. Model folders below are not looked into."""
+    slot = SPLIT_SLOT_OF_FOLDER[folder_name]
+    found = {}
+    for root in folder_paths.get_folder_paths(FOLDER):
+        try:
+            names = sorted(os.listdir(root))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(root, name)
+            if name not in found and bd.split_file_kind(path) == slot:
+                found[name] = path
+    return found
+
+
 def list_split_files(folder_name: str) -> list[str]:
     """A ComfyUI model folder's files (diffusion_models, text_encoders, vae; the legacy names unet and
-    clip are the same folders), as its own loaders list them."""
-    return folder_paths.get_filename_list(folder_name)
+    clip are the same folders), as its own loaders list them, then the split files of that kind at the
+    top of models/bitdance/ that the folder does not already name."""
+    own = folder_paths.get_filename_list(folder_name)
+    return own + [name for name in _split_files_in_bitdance(folder_name) if name not in own]
 
 
 def resolve_split_file(folder_name: str, name: str, what: str) -> str:
-    """The full path of a file chosen in a split-loader dropdown; a clear error naming the folder."""
+    """The full path of a file chosen in a split-loader dropdown (its ComfyUI folder first, then the top
+    of models/bitdance/); a clear error naming both."""
     if not isinstance(name, str) or not name.strip():
         raise bd.BitDanceError(f"no {what} chosen (a file in models/{folder_name}/)")
-    try:
-        return folder_paths.get_full_path_or_raise(folder_name, name)
-    except FileNotFoundError as e:
-        raise bd.BitDanceError(f"{what} '{name}' not found in models/{folder_name}/ "
-                               f"({', '.join(folder_paths.get_folder_paths(folder_name))})") from e
+    path = folder_paths.get_full_path(folder_name, name)
+    if path is None:
+        path = _split_files_in_bitdance(folder_name).get(name)
+    if path is None:
+        where = folder_paths.get_folder_paths(folder_name) + folder_paths.get_folder_paths(FOLDER)
+        raise bd.BitDanceError(f"{what} '{name}' not found in models/{folder_name}/ nor at the top of models/{FOLDER}/ "
+                               f"({', '.join(where)})")
+    return path
 
 
 def resolve(name: str, what: str) -> str:

@@ -30,13 +30,15 @@ class BitDanceSplitModelLoader(io.ComfyNode):
                         "Same outputs as the BitDance Model Loader.",
             inputs=[
                 io.Combo.Input("main_model", options=paths.list_split_files("diffusion_models"),
-                               tooltip="models/diffusion_models/ (or the legacy models/unet/): the diffusion head and "
-                                       "projector, e.g. BitDance_14B_MainModel_FP8.safetensors"),
+                               tooltip="models/diffusion_models/ (or the legacy models/unet/, or the top of "
+                                       "models/bitdance/): the diffusion head and projector, e.g. "
+                                       "BitDance_14B_MainModel_FP8.safetensors"),
                 io.Combo.Input("text_encoder", options=paths.list_split_files("text_encoders"),
-                               tooltip="models/text_encoders/ (or the legacy models/clip/): the Qwen3 backbone, e.g. "
-                                       "BitDance_TextEncoder_FP8.safetensors"),
+                               tooltip="models/text_encoders/ (or the legacy models/clip/, or the top of "
+                                       "models/bitdance/): the Qwen3 backbone, e.g. BitDance_TextEncoder_FP8.safetensors"),
                 io.Combo.Input("vae", options=paths.list_split_files("vae"),
-                               tooltip="models/vae/: the binary tokenizer, e.g. BitDance_VAE_FP16.safetensors"),
+                               tooltip="models/vae/ (or the top of models/bitdance/): the binary tokenizer, e.g. "
+                                       "BitDance_VAE_FP16.safetensors"),
                 io.Combo.Input("parallel_num", options=PARALLEL_CHOICES, default="auto",
                                tooltip="Tokens per AR step: 64 (BitDance-14B-64x) or 16 (14B-16x). auto: from the text "
                                        "encoder's vocabulary size (151669 + 256 + tokens per step - 1 rows)"),

@@ -184,6 +184,20 @@ def file_kind(keys: Iterable[str]) -> str | None:
     return None
 
 
+def split_file_kind(path: str) -> str | None:
+    """file_kind of a .safetensors file, from its header alone; None for anything else or a file that
+    cannot be read (it is then simply not offered as a split file)."""
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return file_kind(f.keys())
+    except Exception:  # a damaged or foreign file: not a choice, and nothing to report here
+        return None
+
+
 def _open_slot(path: str, slot: str) -> Fp8Source:
     """The file chosen for `slot`, refused with a clear message when it is some other file."""
     what = SLOTS[slot]

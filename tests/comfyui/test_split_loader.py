@@ -212,3 +212,28 @@ def test_model_info_route_reads_the_split_files(comfy):
     missing = comfy.get("/bitdance/model_info?main_model=BitDance_14B_MainModel_FP8.safetensors"
                         "&text_encoder=tiny_qwen_text_encoder.safetensors&vae=tiny_qwen_vae.safetensors&parallel_num=auto")
     assert missing["available"] is False and "BitDance_14B_MainModel_FP8.safetensors" in missing["error"]
+
+
+def test_split_files_at_the_top_of_models_bitdance_are_offered_and_run(comfy):
+    """Some guides put the three files in models/bitdance/: each is offered in its own slot's dropdown
+    only (its kind read from its keys), and a workflow naming them there gives the bits of the same
+    files in ComfyUI's folders."""
+    models = os.path.join(comfy.base, "models")
+    links = {}
+    for slot, folder in (("main", "diffusion_models"), ("text_encoder", "text_encoders"), ("vae", "vae")):
+        links[slot] = os.path.join(models, "bitdance", f"guide_{slot}.safetensors")
+        os.symlink(os.path.join(models, folder, f"tiny_qwen_{slot}.safetensors"), links[slot])
+    try:
+        info = comfy.get(f"/object_info/{LOADER}")[LOADER]["input"]["required"]
+        opts = {k: info[k][1]["options"] for k in ("main_model", "text_encoder", "vae")}
+        for key, slot in (("main_model", "main"), ("text_encoder", "text_encoder"), ("vae", "vae")):
+            assert [o for o in opts[key] if o.startswith("guide_")] == [f"guide_{slot}.safetensors"], opts[key]
+        wf = _split_workflow("qwen", weights="fp8", offload="stage")
+        node_of(wf, LOADER)["inputs"].update(main_model="guide_main.safetensors",
+                                             text_encoder="guide_text_encoder.safetensors", vae="guide_vae.safetensors")
+        bits, _ = _run(comfy, wf)
+        ref_bits, _ = _run(comfy, _split_workflow("qwen", weights="fp8", offload="stage"))
+        assert torch.equal(bits, ref_bits)
+    finally:
+        for path in links.values():
+            os.remove(path)
