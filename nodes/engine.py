@@ -9,6 +9,7 @@ from ..bitdance_core import demo_models as _demo
 from ..bitdance_core import runtime as _runtime  # the memory and speed options
 from ..bitdance_core import UNIWETOK_EXTS, find_autoencoder_files, is_uniwetok_checkpoint  # noqa: F401  (tokenizer files)
 from ..bitdance_core import class_label, parse_class_label  # noqa: F401  (how classes are listed)
+from ..bitdance_core.runtime.host_memory import file_mapped_ranges, in_ranges  # noqa: F401  (RAM accounting)
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
 # text-to-image model folder and the class-conditional checkpoint (they may not be there yet)

@@ -19,7 +19,7 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 
-from .engine import bd
+from .engine import bd, file_mapped_ranges, in_ranges
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
@@ -145,15 +145,18 @@ class Managed:
     def host_tensors(self) -> list[torch.Tensor]:
         """The model's tensors in CPU memory, one flat byte view per storage (a packed chunk of host
         copies counts once, in full): an offloaded model's host copies, or a whole model ComfyUI has
-        moved to the CPU."""
+        moved to the CPU. Not those still mapped from their file (read in the file's dtype and not
+        copied): evicting them frees no memory the system does not already count as available."""
         tensors = list(self.patcher.model.state_dict().values())
         if self.offload is not None:
             tensors += self.offload.host_tensors()
+        from_files = file_mapped_ranges()
         seen, out = set(), []
         for t in tensors:
             storage = t.untyped_storage()
-            if t.device.type == "cpu" and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
+            ptr = storage.data_ptr()
+            if t.device.type == "cpu" and ptr not in seen and not in_ranges(ptr, from_files):
+                seen.add(ptr)
                 out.append(torch.empty(0, dtype=torch.uint8).set_(storage))
         return out
 

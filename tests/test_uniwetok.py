@@ -359,16 +359,19 @@ def test_own_model_batches_chunks_and_tiles(own_model):
     assert again.shape == bits.shape
 
 
-def test_own_model_in_bfloat16_draws_bfloat16_noise(own_model):
+def test_own_model_in_bfloat16_draws_float32_noise(own_model):
+    """In bf16 the decoder still gets the bits and its noise block in float32 (upstream's randn_like of
+    the sampler's float32 tokens); its conv_in rounds them to bf16."""
     tok = load_tokenizer(own_model[0], dtype=torch.bfloat16)
     assert tok.decoder.conv_in.weight.dtype == torch.bfloat16
     img = _own_image(batch=1, h=96, w=64)
     bits = tok.encode(img)
     assert bits.dtype == torch.bfloat16 and bits.shape == (1, 16, 3, 2)
-    noise = torch.randn(bits.shape, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
-    assert not torch.equal(noise.float(), torch.randn(bits.shape, generator=torch.Generator().manual_seed(2)))
-    out = tok.decode(bits.float(), generator=torch.Generator().manual_seed(2))  # bits cast to the model's dtype
-    assert torch.equal(out, tok.decoder(bits, noise=noise))
+    noise = torch.randn(bits.shape, generator=torch.Generator().manual_seed(2))
+    out = tok.decode(bits, generator=torch.Generator().manual_seed(2))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, tok.decoder(bits.float(), noise=noise))
+    other = tok.decode(bits, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(out, other)  # the noise is drawn from the generator given
 
 
 def test_checkpoint_files_are_recognised_by_their_keys(own_model, tmp_path):

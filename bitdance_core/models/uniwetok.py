@@ -12,7 +12,8 @@ Official quirks kept on purpose (each changes the numbers):
   the decoder over ..7.5 (`(arange(n) + 0.5) * (7.5/(n-0.5))`); register tokens sit at position 0;
   x and y each rotate half of a head's pairs (adjacent pairs, computed in float32).
 - the sign maps 0 to -1; the adaptive GroupNorm uses the unbiased variance of the bits;
-- the decoder draws one noise block per decode in the bits' shape and dtype (see BinaryAutoencoder.decode).
+- the decoder draws one noise block per decode in the bits' shape, in float32 like the bits it is given
+  (see BinaryAutoencoder.decode); conv_in rounds both to the weights' dtype.
 Two sizes go through NaN inside the official code, so they are refused by name: an encoder latent side
 of 1 (its position spread divides by n-1: NaN positions, and what comes out depends on how the attention
 kernel treats NaN) and a 1x1 token grid to decode (the unbiased variance of one value).

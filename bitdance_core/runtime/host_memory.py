@@ -25,6 +25,7 @@ Tensors move into the chunks one at a time, so the extra host memory while packi
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import weakref
@@ -148,6 +149,31 @@ def _unregister(ptrs: list[int]) -> None:
 def registration_status() -> dict:
     """How page-locking went in this process: {"method", "library", "registered", "failure"}."""
     return {k: _state[k] for k in ("method", "library", "registered", "failure")}
+
+
+def file_mapped_ranges() -> list[tuple[int, int]]:
+    """The address ranges [start, end) this process has mapped from files on disk, sorted (Linux:
+    /proc/self/maps; elsewhere none are known). A tensor read from a .safetensors file in its own
+    dtype lies in one: its pages are the file's cache, which the system reclaims by itself, not
+    memory the process holds (tmpfs under /dev, e.g. /dev/shm, is memory, and is not listed)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[5].startswith("/") and not fields[5].startswith("/dev/"):
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return sorted(ranges)
+
+
+def in_ranges(address: int, ranges: list[tuple[int, int]]) -> bool:
+    """Whether `address` lies in one of the sorted, disjoint [start, end) `ranges`."""
+    i = bisect.bisect_right(ranges, (address, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= address < ranges[i][1]
 
 
 def plan_chunks(sizes: list[int], chunk_bytes: int = CHUNK_BYTES) -> list[list[int]]:

@@ -236,12 +236,16 @@ mm.MAX_PINNED_MEMORY = 1 << 30
 print("PIN_ALLOWED", memory.pin_host_copies())
 args.disable_pinned_memory = True
 print("PIN_DISABLED", memory.pin_host_copies())
-managed, tok = t2i.BitDanceModelLoader.execute("demo/digits-t2i").result
-own = {t.data_ptr(): t.numel() * t.element_size() for m in managed.modules.values() for t in
-       list(m.parameters()) + list(m.buffers())}
-print("RAM", managed.get_ram_usage(), sum(own.values()), sum(t.numel() for t in managed._comfy_cache_tensors()))
+def own_bytes(modules):
+    return sum({t.data_ptr(): t.numel() * t.element_size() for m in modules for t in
+                list(m.parameters()) + list(m.buffers())}.values())
+managed, tok = t2i.BitDanceModelLoader.execute("demo/digits-t2i", dtype="bf16").result  # float32 file: copies
+own = own_bytes(managed.modules.values())
+print("RAM", managed.get_ram_usage(), own, sum(t.numel() for t in managed._comfy_cache_tensors()))
 print("TOK_WITH_MODEL", tok.get_ram_usage(), len(tok._comfy_cache_tensors()))
-alone = tokenizer.BitDanceTokenizerLoader.execute("demo/digits-t2i").result[0]
+mapped = t2i.BitDanceModelLoader.execute("demo/digits-t2i", dtype="fp32").result[0]  # the file's own pages
+print("RAM_MAPPED", mapped.get_ram_usage(), own_bytes(mapped.modules.values()), int(sys.platform.startswith("linux")))
+alone = tokenizer.BitDanceTokenizerLoader.execute("demo/digits-t2i", dtype="bf16").result[0]
 ae_bytes = sum(t.numel() * t.element_size() for t in list(alone.ae.parameters()) + list(alone.ae.buffers()))
 print("TOK_ALONE", alone.get_ram_usage(), alone.owner.get_ram_usage(), ae_bytes)
 t2i.BitDanceModelLoader.execute("demo/digits-t2i", cuda_graphs=True)  # on the CPU: "off (no CUDA device)"
@@ -269,6 +273,9 @@ def test_loaded_models_tell_comfyui_their_ram_and_follow_its_pinning(tmp_path):
     assert lines.get("PIN_DISABLED") == "False", res.stdout[-2000:]
     ram, own, cached = (int(x) for x in lines["RAM"].split())
     assert own > 0 and own <= ram <= own * 1.05 and cached == ram, lines["RAM"]  # the whole model, on the CPU here
+    # read in the file's dtype, the weights are the file's mapped pages (Linux tells them apart: not held memory)
+    ram_mapped, own_mapped, linux = (int(x) for x in lines["RAM_MAPPED"].split())
+    assert ram_mapped < own_mapped * 0.1 if linux else own_mapped <= ram_mapped, lines["RAM_MAPPED"]
     assert lines["TOK_WITH_MODEL"] == "0 0"
     alone, owner, ae_bytes = (int(x) for x in lines["TOK_ALONE"].split())
     assert alone == owner and ae_bytes <= alone <= ae_bytes * 1.05, lines["TOK_ALONE"]
