@@ -9,7 +9,6 @@ from ..bitdance_core import demo_models as _demo
 from ..bitdance_core import runtime as _runtime  # the memory and speed options
 from ..bitdance_core import UNIWETOK_EXTS, find_autoencoder_files, is_uniwetok_checkpoint  # noqa: F401  (tokenizer files)
 from ..bitdance_core import class_label, parse_class_label  # noqa: F401  (how classes are listed)
-from ..bitdance_core.runtime.host_memory import file_mapped_ranges, in_ranges  # noqa: F401  (RAM accounting)
 
 # The demo models shipped inside the engine (bitdance_core/demo_models): the folder, the
 # text-to-image model folder and the class-conditional checkpoint (they may not be there yet)
@@ -20,6 +19,8 @@ DEMO_IMAGENET = _demo.IMAGENET
 # The model loader's memory options (see bitdance_core/runtime/fitting.py: plan_for)
 WEIGHTS_CHOICES = list(_runtime.WEIGHTS_CHOICES)
 OFFLOAD_CHOICES = list(_runtime.OFFLOAD_CHOICES)
+# What ComfyUI's RAM caches count of a loaded model: its CPU tensors less those mapped from their files
+file_mapped_ranges, in_ranges = _runtime.file_mapped_ranges, _runtime.in_ranges
 
 
 def find_t2i_files(path: str):
