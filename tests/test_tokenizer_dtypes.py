@@ -1,12 +1,8 @@
 """The tokenizer in bf16 computes as the official one does: bf16 weights under CUDA's bf16 autocast.
 
-The reference below is the upstream module code (modeling/vision_encoder/autoencoder.py) written as
-functions, with autocast's rules made explicit, because the CPU's autocast puts group_norm on its
-bf16 list where CUDA's puts it on the float32 list:
-- conv2d and linear cast their inputs to bf16 and compute in bf16;
-- group_norm casts to float32 and returns float32;
-- everything else (swish, the sums, the adaptive scale and shift) runs in its inputs' promoted dtype;
-- the decoder gets the sampler's float32 tokens (its style statistics and GAN noise are float32).
+The reference is the upstream module code with autocast's rules spelled out (tests/tokenizer_reference.py;
+on a GPU, tests/gpu/test_tokenizer_gpu.py checks the same against the real CUDA autocast). The decoder
+gets the sampler's float32 tokens (its style statistics and GAN noise are float32).
 """
 import os
 
@@ -15,77 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from bitdance_core import load_tokenizer, to_uint8
-from bitdance_core.models.ae_layers import depth_to_space_dcr
 from paths import FIXTURES
 from test_tokenizers import _random_gan_tokenizer
+from tokenizer_reference import BF, Autocast
 
 AE_TINY = os.path.join(FIXTURES, "ae-tiny")
-BF = torch.bfloat16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Autocast:
-    """CUDA bf16 autocast's rules for the ops the tokenizer uses; `gn_dtype` bf16 gives the flow of a
-    plain bf16 model instead (no autocast), which this test must tell apart."""
-
-    def __init__(self, gn_dtype=torch.float32):
-        self.gn_dtype = gn_dtype
-
-    def conv(self, m, x):
-        return F.conv2d(x.to(BF), m.weight.to(BF), None if m.bias is None else m.bias.to(BF), m.stride, m.padding)
-
-    def linear(self, m, x):
-        return F.linear(x.to(BF), m.weight.to(BF), None if m.bias is None else m.bias.to(BF))
-
-    def group_norm(self, m, x):
-        w = None if m.weight is None else m.weight.to(self.gn_dtype)
-        b = None if m.bias is None else m.bias.to(self.gn_dtype)
-        return F.group_norm(x.to(self.gn_dtype), m.num_groups, w, b, m.eps)
-
-    def resblock(self, blk, x):
-        residual = x
-        x = self.conv(blk.conv1, swish(self.group_norm(blk.norm1, x)))
-        x = self.conv(blk.conv2, swish(self.group_norm(blk.norm2, x)))
-        if blk.nin_shortcut is not None:
-            residual = self.conv(blk.nin_shortcut, residual)
-        return x + residual
-
-    def decode(self, dec, z, noise=None):
-        style = z.clone()
-        if noise is not None:
-            z = torch.cat([z, noise], dim=1)
-        z = self.conv(dec.conv_in, z)
-        for blk in dec.mid_block:
-            z = self.resblock(blk, z)
-        for i in reversed(range(len(dec.up))):
-            ada = dec.adaptive[i]
-            b, c = z.shape[:2]
-            scale = self.linear(ada.gamma, (style.flatten(2).var(dim=-1) + ada.eps).sqrt()).view(b, c, 1, 1)
-            bias = self.linear(ada.beta, style.flatten(2).mean(dim=-1)).view(b, c, 1, 1)
-            z = scale * self.group_norm(ada.gn, z) + bias
-            for blk in dec.up[i].block:
-                z = self.resblock(blk, z)
-            if i > 0:
-                z = depth_to_space_dcr(self.conv(dec.up[i].upsample.conv1, z), 2)
-        return self.conv(dec.conv_out, swish(self.group_norm(dec.norm_out, z)))
-
-    def encode(self, enc, x):
-        x = self.conv(enc.conv_in, x)
-        for level in enc.down:
-            for blk in level.block:
-                x = self.resblock(blk, x)
-            if hasattr(level, "downsample"):
-                x = self.conv(level.downsample, x)
-        for blk in enc.mid_block:
-            x = self.resblock(blk, x)
-        h = self.conv(enc.conv_out, swish(self.group_norm(enc.norm_out, x)))
-        one = torch.ones((), dtype=h.dtype)
-        return torch.where(h > 0, one, -one)
-
-
-def swish(x):
-    return x * torch.sigmoid(x)
 
 
 def _smooth_image(seed, size=128):
