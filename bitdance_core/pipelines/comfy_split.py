@@ -11,6 +11,7 @@ model folders (t2i_loading.materialize_parts); `save_comfy_split` writes a pipel
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -186,9 +187,16 @@ def file_kind(keys: Iterable[str]) -> str | None:
 
 def split_file_kind(path: str) -> str | None:
     """file_kind of a .safetensors file, from its header alone; None for anything else or a file that
-    cannot be read (it is then simply not offered as a split file)."""
+    cannot be read (it is then simply not offered as a split file). Remembered per file version (the
+    dropdowns ask again on every listing)."""
     if not path.endswith(".safetensors") or not os.path.isfile(path):
         return None
+    st = os.stat(path)
+    return _header_kind(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _header_kind(path: str, mtime_ns: int, size: int) -> str | None:
     try:
         from safetensors import safe_open
 
