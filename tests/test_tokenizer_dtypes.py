@@ -63,3 +63,28 @@ def test_bf16_tiled_decode_stays_next_to_the_whole_one():
         u8 = (to_uint8(ae.decode(bits, tile=tile)).int() - to_uint8(whole).int()).abs()
         off, off2 = u8.gt(0).float().mean().item(), u8.gt(1).float().mean().item()
         assert u8.max() <= 3 and off <= 0.2 and off2 <= 0.01, (tile, u8.max(), off, off2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF])
+@pytest.mark.parametrize("shape,memory_format", [((2, 64, 16, 24), torch.contiguous_format),
+                                                 ((2, 64, 16, 24), torch.channels_last),
+                                                 ((1, 32, 3, 5), torch.contiguous_format)])
+def test_norm_swish_in_parts_gives_the_whole_values(dtype, shape, memory_format):
+    """norm_swish normalises a few groups at a time (memory): the values are those of one float32 group
+    norm and swish over the whole activation, bit for bit on any CPU (parts too small to keep every
+    value on the vectorised path, as the 3x5 grid here, are not split), in the input's memory format."""
+    from bitdance_core.models.ae_layers import NORM_CHUNKS, group_norm_fp32, norm_swish
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(32, shape[1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(shape[1], generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(shape[1], generator=g))
+    conv = torch.nn.Conv2d(shape[1], 8, 3, padding=1).to(dtype)
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(memory_format=memory_format)
+    with torch.no_grad():
+        whole = group_norm_fp32(norm, x)
+        whole = (whole * torch.sigmoid(whole)).to(dtype)
+        got = norm_swish(norm, x, conv)
+    assert NORM_CHUNKS > 1 and got.dtype == dtype and got.is_contiguous(memory_format=memory_format)
+    assert torch.equal(got, whole)

@@ -89,12 +89,18 @@ def norm_swish(norm: nn.GroupNorm, x: torch.Tensor, conv: nn.Conv2d) -> torch.Te
         y = group_norm_fp32(norm, x)
         return (y * torch.sigmoid(y)).to(dtype)
     out = torch.empty_like(x, dtype=dtype)  # in x's memory format: the ImageNet tokenizer runs channels_last
-    per_group = x.shape[1] // norm.num_groups
+    c = x.shape[1]
+    per_group = c // norm.num_groups
     step = per_group * max(1, norm.num_groups // NORM_CHUNKS)
-    for a in range(0, x.shape[1], step):
-        part = slice(a, min(a + step, x.shape[1]))
+    parts = [slice(a, min(a + step, c)) for a in range(0, c, step)]
+    # PyTorch's CPU elementwise loops compute the last (n mod 2 vector widths) values of a run with the
+    # scalar function, whose sigmoid can differ from the vector one by an ulp: parts of a multiple of 64
+    # values each keep every value on the vector path, so the parts give exactly the whole's values
+    if any(x.numel() // c * (p.stop - p.start) % 64 for p in parts):
+        parts = [slice(0, c)]
+    for part in parts:
         w, b = (None if t is None else t[part].float() for t in (norm.weight, norm.bias))
-        y = F.group_norm(x[:, part].float(), (part.stop - a) // per_group, w, b, norm.eps)
+        y = F.group_norm(x[:, part].float(), (part.stop - part.start) // per_group, w, b, norm.eps)
         out[:, part] = y.mul_(torch.sigmoid(y))
     return out
 
