@@ -378,11 +378,11 @@ def test_images_per_decode_follows_the_measured_decode():
     pipe = build_random_t2i(SHAPES["tiny"], seed=1)
     ae, h, w = pipe.autoencoder, 128, 128
     bits = torch.randint(0, 2, (2, ae.config.z_channels, h // ae.downsample, w // ae.downsample)).float() * 2 - 1
-    for dtype, s in ((torch.float32, 4), (torch.bfloat16, 2)):  # bf16: a float32 stream beside bf16 convs
-        ae.to(dtype)
-        _, measured = measure_peak(lambda: ae.decode(bits), "cpu")
-        assert 0.85 <= decoder_peak(ae.config, 2, h, w, s) / measured <= 1.15, (dtype, measured)
+    # float32 only: a bf16 convolution on a CPU without native bf16 (AVX2) takes a slower path with
+    # large unfold buffers, unlike a GPU's (the bf16 figure is checked on CUDA: tests/gpu)
+    _, measured = measure_peak(lambda: ae.decode(bits), "cpu")
     one = decoder_peak(ae.config, 1, h, w, 4)
+    assert 0.85 <= decoder_peak(ae.config, 2, h, w, 4) / measured <= 1.15, (one, measured)
     for n in (1, 3, 8):
         free = int((n * one + (512 << 20)) / 0.9) + 1024  # what a plan may use of it: n images exactly
         got = images_per_decode(ae.config, h, w, torch.float32, free)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smooth_image(seed, size=128):
-    img = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    img = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     return F.avg_pool2d(img, 9, 1, 4)
 
 
@@ -54,15 +54,14 @@ def test_bf16_gan_decoder_computes_as_the_official_autocast(tmp_path):
 def test_bf16_tiled_decode_stays_next_to_the_whole_one():
     """The tiles' norms are float32 like the whole decode's, so in bf16 they differ from it only by
     the rounding of some conv inputs: a few pixels one level off, hardly any two (with the whole
-    decode's norms in bf16, 44% of these pixels were off and 6% by 2 to 6 levels)."""
+    decode's norms in bf16, 45% of these pixels were off and 7% by 2 to 4 levels)."""
     ae = load_tokenizer(AE_TINY, dtype=BF)
-    low = torch.randn(2, 32, 4, 12, generator=torch.Generator().manual_seed(0))
-    bits = torch.where(F.interpolate(low, size=(16, 48), mode="bilinear") > 0, 1.0, -1.0)
-    whole = ae.decode(bits)
-    for tile in (64, 128):
-        u8 = (to_uint8(ae.decode(bits, tile=tile)).int() - to_uint8(whole).int()).abs()
-        off, off2 = u8.gt(0).float().mean().item(), u8.gt(1).float().mean().item()
-        assert u8.max() <= 3 and off <= 0.2 and off2 <= 0.01, (tile, u8.max(), off, off2)
+    low = torch.randn(1, 32, 2, 4, generator=torch.Generator().manual_seed(0))
+    bits = torch.where(F.interpolate(low, size=(8, 16), mode="bilinear") > 0, 1.0, -1.0)  # 128x256, small:
+    whole = ae.decode(bits)  # bf16 convolutions are slow on CPUs without native bf16
+    u8 = (to_uint8(ae.decode(bits, tile=64)).int() - to_uint8(whole).int()).abs()
+    off, off2 = u8.gt(0).float().mean().item(), u8.gt(1).float().mean().item()
+    assert u8.max() <= 3 and off <= 0.2 and off2 <= 0.01, (u8.max(), off, off2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF])
