@@ -45,3 +45,19 @@ def test_bf16_tokenizer_computes_as_under_the_real_cuda_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         official_bits = Autocast(explicit=False).encode(ae.encoder, img)
     assert (ae.encode(img) != official_bits).float().mean() <= 0.001
+
+
+@torch.no_grad()
+def test_bf16_decode_peak_against_the_planner():
+    """The planner's decoder_peak for the bf16 flow (a float32 stream beside bf16 convolutions, the
+    norms in parts), against torch.cuda's own count: never much below it (the plan would not hold),
+    not far above (memory left unused). The CPU tests check the float32 figure only."""
+    from bitdance_core.runtime.planner import decoder_peak, measure_peak
+
+    ae = load_tokenizer(AE_TINY, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    bits = (torch.randint(0, 2, (2, 32, 32, 32), generator=g).float() * 2 - 1).cuda()  # 512x512
+    ae.decode(bits)  # cuDNN's first call chooses its algorithms
+    _, peak = measure_peak(lambda: ae.decode(bits), "cuda")
+    planned = decoder_peak(ae.config, 2, 512, 512, 2)
+    assert 0.9 <= planned / peak <= 1.5, (planned, peak)
