@@ -19,8 +19,6 @@ DEMO_IMAGENET = _demo.IMAGENET
 # The model loader's memory options (see bitdance_core/runtime/fitting.py: plan_for)
 WEIGHTS_CHOICES = list(_runtime.WEIGHTS_CHOICES)
 OFFLOAD_CHOICES = list(_runtime.OFFLOAD_CHOICES)
-# What ComfyUI's RAM caches count of a loaded model: its CPU tensors less those mapped from their files
-file_mapped_ranges, in_ranges = _runtime.file_mapped_ranges, _runtime.in_ranges
 
 
 def find_t2i_files(path: str):
@@ -97,6 +95,12 @@ def check_generation(pipe, decision, height: int, width: int, num_images: int, c
     """Whether one generation fits the model as loaded (its predicted peak, the largest batch that
     fits, and what to change when it does not)."""
     return _runtime.check_generation(pipe, decision, height, width, num_images, cfg, free_bytes, prompt=prompt)
+
+
+def host_memory_views(tensors) -> list:
+    """What ComfyUI's RAM caches should count of these tensors: one byte view per CPU storage held in
+    memory (not mapped from a file)."""
+    return _runtime.held_host_storages(tensors)
 
 
 def images_per_decode(ae, height: int, width: int, free_bytes: int) -> int:

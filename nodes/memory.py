@@ -19,7 +19,7 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 
-from .engine import bd, file_mapped_ranges, in_ranges
+from .engine import bd, host_memory_views
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
@@ -150,15 +150,7 @@ class Managed:
         tensors = list(self.patcher.model.state_dict().values())
         if self.offload is not None:
             tensors += self.offload.host_tensors()
-        from_files = file_mapped_ranges()
-        seen, out = set(), []
-        for t in tensors:
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            if t.device.type == "cpu" and ptr not in seen and not in_ranges(ptr, from_files):
-                seen.add(ptr)
-                out.append(torch.empty(0, dtype=torch.uint8).set_(storage))
-        return out
+        return host_memory_views(tensors)
 
     # ComfyUI's RAM caches size a cached output by these (0.3.x --cache-ram: get_ram_usage; newer
     # RAM-pressure caches: _comfy_cache_tensors). Counted as nothing, a 14B model's ~30 GB of host

@@ -1,5 +1,6 @@
-"""The upstream tokenizer's forward (modeling/vision_encoder/autoencoder.py) written as functions over
-our modules' weights, to check our dtype flow against the official one under CUDA's bf16 autocast.
+"""The official tokenizer's order of operations (docs: bitdance-reference.md, 4a.1), written here as plain
+functions over our modules' weights, to check our dtype flow against the official one under CUDA's
+bf16 autocast.
 
 explicit=True spells autocast's rules out (what the CPU tests need: the CPU's autocast keeps group_norm
 in bf16, where CUDA's runs it in float32):

@@ -198,11 +198,8 @@ def split_file_kind(path: str) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _header_kind(path: str, mtime_ns: int, size: int) -> str | None:
     try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return file_kind(f.keys())
-    except Exception:  # a damaged or foreign file: not a choice, and nothing to report here
+        return file_kind(open_safetensors([path]).shapes)
+    except (BitDanceError, OSError):  # a damaged or foreign file: not a choice, and nothing to report here
         return None
 
 

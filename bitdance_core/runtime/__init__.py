@@ -7,9 +7,9 @@ What the ComfyUI nodes and the command line use is re-exported here.
 from .fitting import (OFFLOAD_CHOICES, WEIGHTS_CHOICES, GenerationCheck, LoadDecision, check_generation,
                       images_per_decode, load_planned, plan_for)
 from .graphs import enable_compile, enable_graphs
-from .host_memory import file_mapped_ranges, in_ranges
+from .host_memory import held_host_storages
 from .levers import Levers, apply_levers
 
 __all__ = ["GenerationCheck", "LoadDecision", "Levers", "OFFLOAD_CHOICES", "WEIGHTS_CHOICES", "apply_levers",
-           "check_generation", "enable_compile", "enable_graphs", "file_mapped_ranges", "images_per_decode", "in_ranges",
+           "check_generation", "enable_compile", "enable_graphs", "held_host_storages", "images_per_decode",
            "load_planned", "plan_for"]

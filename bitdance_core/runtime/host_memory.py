@@ -176,6 +176,22 @@ def in_ranges(address: int, ranges: list[tuple[int, int]]) -> bool:
     return i >= 0 and ranges[i][0] <= address < ranges[i][1]
 
 
+def held_host_storages(tensors) -> list[torch.Tensor]:
+    """One flat uint8 view per distinct CPU storage among `tensors` (a packed chunk of host copies counts
+    once, in full), leaving out storages mapped from files: the memory these tensors hold, as a RAM cache
+    should count it (evicting a file's mapped pages frees nothing the system does not already count as
+    available)."""
+    from_files = file_mapped_ranges()
+    seen, out = set(), []
+    for t in tensors:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if t.device.type == "cpu" and ptr not in seen and not in_ranges(ptr, from_files):
+            seen.add(ptr)
+            out.append(torch.empty(0, dtype=torch.uint8).set_(storage))
+    return out
+
+
 def plan_chunks(sizes: list[int], chunk_bytes: int = CHUNK_BYTES) -> list[list[int]]:
     """Indices of consecutive tensors per chunk: a chunk closes before it would pass chunk_bytes
     (a tensor larger than that gets a chunk of its own)."""

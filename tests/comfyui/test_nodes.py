@@ -210,20 +210,26 @@ print("AGAIN", sum(l.model is managed.patcher for l in mm.current_loaded_models)
 """
 
 
+def _run_probe(tmp_path, script: str):
+    """(the finished process, its "NAME value" lines as a dict) of a probe script run in a process of its
+    own against ComfyUI's own modules (as ComfyUI would run the pack, on the CPU)."""
+    from conftest import COMFY_DIR, COMFY_PYTHON
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(script)
+    res = subprocess.run([COMFY_PYTHON, str(probe), REPO, COMFY_DIR], capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res, dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0].isupper()
+                     and " " in line)
+
+
 def test_a_loaded_model_is_known_to_comfyui_before_it_samples(tmp_path):
     """The loader puts the weights on the device itself, so ComfyUI must be told at once: its free
     memory, the sampler's fit check (which counts the models ComfyUI can unload) and "unload models"
     see the model from the loader on, not from the first sampler run. ComfyUI 0.3.75's own
     model_management, in a process of its own (as ComfyUI would run it, on the CPU)."""
-    from conftest import COMFY_DIR, COMFY_PYTHON
-
-    probe = tmp_path / "probe.py"
-    probe.write_text(REGISTRATION_PROBE)
-    res = subprocess.run([COMFY_PYTHON, str(probe), REPO, COMFY_DIR], capture_output=True, text=True, timeout=600,
-                         cwd=str(tmp_path))
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0].isupper()
-                 and " " in line)
+    res, lines = _run_probe(tmp_path, REGISTRATION_PROBE)
     assert lines.get("REGISTERED") == "1", res.stdout[-2000:]
     assert lines.get("AFTER_UNLOAD") == "0" and lines.get("AGAIN") == "1", res.stdout[-2000:]
 
@@ -246,7 +252,7 @@ print("TOK_WITH_MODEL", tok.get_ram_usage(), len(tok._comfy_cache_tensors()))
 mapped = t2i.BitDanceModelLoader.execute("demo/digits-t2i", dtype="fp32").result[0]  # the file's own pages
 print("RAM_MAPPED", mapped.get_ram_usage(), own_bytes(mapped.modules.values()), int(sys.platform.startswith("linux")))
 alone = tokenizer.BitDanceTokenizerLoader.execute("demo/digits-t2i", dtype="bf16").result[0]
-ae_bytes = sum(t.numel() * t.element_size() for t in list(alone.ae.parameters()) + list(alone.ae.buffers()))
+ae_bytes = own_bytes([alone.ae])
 print("TOK_ALONE", alone.get_ram_usage(), alone.owner.get_ram_usage(), ae_bytes)
 t2i.BitDanceModelLoader.execute("demo/digits-t2i", cuda_graphs=True)  # on the CPU: "off (no CUDA device)"
 args.disable_cuda_graphs = True  # a newer ComfyUI's flag
@@ -260,15 +266,7 @@ def test_loaded_models_tell_comfyui_their_ram_and_follow_its_pinning(tmp_path):
     RAM-pressure cache), a tokenizer that came with a model is not counted twice, and the host copies
     are pinned only where ComfyUI's own pinning is on; a newer ComfyUI's --disable-cuda-graphs (set
     here on 0.3.75's args) turns the loader's cuda_graphs off."""
-    from conftest import COMFY_DIR, COMFY_PYTHON
-
-    probe = tmp_path / "probe.py"
-    probe.write_text(CACHE_AND_PIN_PROBE)
-    res = subprocess.run([COMFY_PYTHON, str(probe), REPO, COMFY_DIR], capture_output=True, text=True, timeout=600,
-                         cwd=str(tmp_path))
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0].isupper()
-                 and " " in line)
+    res, lines = _run_probe(tmp_path, CACHE_AND_PIN_PROBE)
     assert lines.get("PIN_CPU") == "False" and lines.get("PIN_ALLOWED") == "None", res.stdout[-2000:]
     assert lines.get("PIN_DISABLED") == "False", res.stdout[-2000:]
     ram, own, cached = (int(x) for x in lines["RAM"].split())
