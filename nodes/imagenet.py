@@ -10,7 +10,7 @@ from .engine import bd, class_label, imagenet_class_names, parse_class_label
 from .memory import DTYPE_CHOICES, Managed, make_room, pick_device, pick_dtype
 from .continuation import init_input, read_init
 from .validation import check_combo
-from .progress import BlockProgress
+from .progress import BlockProgress, preview_decoder
 from .types import ImageNetModelType, Tokenizer, TokenizerType, bits_latent, expect
 
 AUTO = "auto"
@@ -123,7 +123,7 @@ class BitDanceImageNetSampler(io.ComfyNode):
                                                           batch_size)
             keep = bd.keep_from_noise_mask(net.block_grid(), mask, batch_size)
         managed.ensure_loaded()
-        progress = BlockProgress(decode=net.autoencoder.decode)
+        progress = BlockProgress(decode=preview_decoder(net.autoencoder, net.device))
         bits = net.generate(classes=[index] * batch_size, steps=steps, cfg=None if cfg < 0 else cfg,
                             cfg_schedule=cfg_schedule, seed=seed, callback=progress, init_bits=init_bits, keep=keep)
         return io.NodeOutput(bits_latent(bits.cpu(), net.autoencoder.family))

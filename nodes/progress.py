@@ -1,4 +1,4 @@
-"""Progress per AR block, live previews, and ComfyUI's interrupt, as one engine callback."""
+"""Progress per AR block, live previews, and ComfyUI's interrupt, as one engine callback; how a preview is made."""
 from __future__ import annotations
 
 import comfy.model_management as mm
@@ -11,9 +11,21 @@ PREVIEWS_PER_RUN = 8
 PREVIEW_TILE = 256  # output pixels a side of a preview decoded in tiles (when a whole one would not fit)
 
 
-def previews_enabled() -> bool:
-    """Follows ComfyUI's --preview-method: any method but 'none' gets decoded previews."""
-    return args.preview_method != LatentPreviewMethod.NoPreviews
+def preview_decoder(autoencoder, device, whole_fits: bool = True):
+    """bits -> pixels for the live previews, by ComfyUI's --preview-method (read per run: a newer ComfyUI
+    sets it per prompt), or None for no previews:
+    - latent2rgb: the tokenizer's linear preview (fitted from its decoder on first use; then ~free, on the CPU);
+    - auto: a whole decode when one fits next to the sampling (`whole_fits`), else the linear preview, since a
+      decode in tiles through CPU memory costs seconds a preview on a tight plan;
+    - taesd (a small real decoder, in other models): the decoder itself, in tiles when a whole decode would not fit.
+    """
+    method = args.preview_method
+    if method == LatentPreviewMethod.NoPreviews:
+        return None
+    if method == LatentPreviewMethod.Latent2RGB or (method == LatentPreviewMethod.Auto and not whole_fits):
+        return lambda bits: autoencoder.linear_preview(device)(bits)
+    tile = None if whole_fits else PREVIEW_TILE
+    return lambda bits: autoencoder.decode(bits.to(device), tile=tile)
 
 
 class BlockProgress:
@@ -21,14 +33,14 @@ class BlockProgress:
 
     Raises ComfyUI's interrupt exception (from inside the engine's block loop) as soon as the user
     interrupts, so a long sampling stops within one AR block. Every few blocks the partial bits are
-    decoded (first image of the batch) and sent as the node's live preview, and after the last block
-    the whole image, so the sampler does not keep showing a partial one. Previews keep the image's
-    own size (ComfyUI scales a preview to --preview-size, up as well as down: a 32x32 digit would
+    made into a picture by `decode` (preview_decoder; first image of the batch) and sent as the node's
+    live preview, and after the last block the whole image, so the sampler does not keep showing a
+    partial one. Previews keep the image's own size (ComfyUI scales a preview to --preview-size, up as well as down: a 32x32 digit would
     be sent, and captioned, as 512x512).
     """
 
     def __init__(self, decode=None, node_id=None):
-        self.decode = decode if previews_enabled() else None
+        self.decode = decode
         self.pbar = comfy.utils.ProgressBar(1, node_id=node_id)
         self.previews = 0
 

@@ -15,7 +15,7 @@ from .memory import (DTYPE_CHOICES, Managed, free_memory_for_planning, make_room
                      pin_host_copies)
 from .continuation import init_input, read_init
 from .validation import check_combo
-from .progress import PREVIEW_TILE, BlockProgress, previews_enabled
+from .progress import BlockProgress, preview_decoder
 from .types import Conditioning, ConditioningType, ModelType, Tokenizer, TokenizerType, bits_latent, expect
 
 ATTENTION_CHOICES = ["auto", "sdpa", "flash"]
@@ -214,11 +214,10 @@ class BitDanceARSampler(io.ComfyNode):
             if not fit.fits:
                 print(f"[BitDance] warning: {fit.message}", flush=True)
         managed.ensure_loaded(fit.plan if fit is not None else None)
-        # a live preview decodes one image in the middle of sampling: in tiles when a whole one would not fit
-        tiled = fit is not None and previews_enabled() and not fit.whole_preview_fits(
-            pipe.autoencoder.config, height, width, pipe.autoencoder._param_dtype())
-        progress = BlockProgress(decode=(lambda b: pipe.autoencoder.decode(b.to(pipe.device), tile=PREVIEW_TILE))
-                                 if tiled else pipe.decode)
+        # a live preview decodes one image in the middle of sampling, next to the KV cache and the head's state
+        whole_fits = fit is None or fit.whole_preview_fits(pipe.autoencoder.config, height, width,
+                                                            pipe.autoencoder._param_dtype())
+        progress = BlockProgress(decode=preview_decoder(pipe.autoencoder, pipe.device, whole_fits))
         try:
             bits = pipe.generate(tokens, height=height, width=width, steps=steps, cfg=cfg, num_images=batch_size,
                                  seed=seed, sampler=sampler, callback=progress, init_bits=init_bits, keep=keep)

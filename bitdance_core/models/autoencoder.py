@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import BitDanceError, require
 from .ae_layers import AutoencoderConfig, Decoder, Encoder
+from .linear_preview import LinearPreview, fit_linear_preview
 from .tiled_decode import decode_tiled
 
 
@@ -21,6 +22,7 @@ class BinaryAutoencoder(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self._linear_preview: LinearPreview | None = None
 
     @property
     def downsample(self) -> int:
@@ -33,6 +35,14 @@ class BinaryAutoencoder(nn.Module):
 
     def _param_dtype(self):
         return self.decoder.conv_out.weight.dtype
+
+    def linear_preview(self, device=None) -> LinearPreview:
+        """The cheap live preview of these bits (linear_preview.py), fitted from this decoder on first
+        use (decoding on `device`, default where the decoder's weights are) and kept."""
+        if self._linear_preview is None:
+            device = self.decoder.conv_out.weight.device if device is None else device
+            self._linear_preview = fit_linear_preview(self.decode, self.config.z_channels, self.downsample, device)
+        return self._linear_preview
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:

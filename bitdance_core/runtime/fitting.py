@@ -327,8 +327,8 @@ class GenerationCheck:
         """Whether a live preview (one image decoded whole in the middle of sampling, the KV cache and
         the head's state alive) fits the usable memory next to the sampling. Not under an offload
         mode: the memory is tight there by choice, and the decoder's weights come in too. When it
-        does not fit, a caller decodes previews in tiles (bounded memory, the same image up to
-        rounding)."""
+        does not fit, a caller shows the tokenizer's linear preview (no GPU memory) or decodes in
+        tiles (bounded memory, the same image up to rounding)."""
         if self.usable_bytes is None:
             return True
         if self.plan.mode != "none":

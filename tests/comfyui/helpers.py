@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK_NAME = "ComfyUI-BitDance"  # the pack's folder name in the test server's custom_nodes/
@@ -48,3 +49,38 @@ def tiny_t2i(width=128, height=128, steps=2, seed=0, prompt="a small wooden boat
     else:
         out["inputs"]["filename_prefix"] = prefix
     return wf
+
+
+# The start of a probe: a script run by run_probe in a process of its own, with ComfyUI's own modules
+# imported as ComfyUI would (on the CPU) and the pack loaded as custom node package `bitdance_pack`.
+PROBE_PREAMBLE = """
+import importlib.util, os, sys
+repo, comfy_dir = sys.argv[1], sys.argv[2]
+sys.path.insert(0, os.path.join(repo, "tests"))
+import comfy_launcher
+comfy_launcher._define_torchvision_schemas()
+sys.argv = [os.path.join(comfy_dir, "main.py"), "--cpu"]
+sys.path.insert(0, comfy_dir)
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("bitdance_pack", os.path.join(repo, "__init__.py"),
+                                              submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["bitdance_pack"] = pack
+spec.loader.exec_module(pack)
+"""
+
+
+def run_probe(tmp_path, script: str):
+    """(the finished process, its "NAME value" lines as a dict) of a probe script run in a process of its
+    own against ComfyUI's own modules (as ComfyUI would run the pack, on the CPU)."""
+    from conftest import COMFY_DIR, COMFY_PYTHON
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(script)
+    res = subprocess.run([COMFY_PYTHON, str(probe), REPO, COMFY_DIR], capture_output=True, text=True, timeout=600,
+                         cwd=str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res, dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0].isupper()
+                     and " " in line)

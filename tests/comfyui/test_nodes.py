@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import NODE_IDS, REPO, TEST_WORKFLOWS, load, node_of, tiny_t2i
+from helpers import NODE_IDS, PROBE_PREAMBLE, REPO, TEST_WORKFLOWS, load, node_of, run_probe, tiny_t2i
 from paths import assert_pixels_within_one_level, fixture_tokens_raster
 from safetensors.torch import load_file
 
@@ -184,22 +184,7 @@ def test_tiny_workflows(comfy, name, upload_example):
         assert [im.size for im in imgs] == [(scale["width"], scale["height"])]
 
 
-REGISTRATION_PROBE = """
-import importlib.util, os, sys
-repo, comfy_dir = sys.argv[1], sys.argv[2]
-sys.path.insert(0, os.path.join(repo, "tests"))
-import comfy_launcher
-comfy_launcher._define_torchvision_schemas()
-sys.argv = [os.path.join(comfy_dir, "main.py"), "--cpu"]
-sys.path.insert(0, comfy_dir)
-import comfy.options
-comfy.options.enable_args_parsing()
-import comfy.model_management as mm
-spec = importlib.util.spec_from_file_location("bitdance_pack", os.path.join(repo, "__init__.py"),
-                                              submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["bitdance_pack"] = pack
-spec.loader.exec_module(pack)
+REGISTRATION_PROBE = PROBE_PREAMBLE + """
 from bitdance_pack.nodes import t2i
 managed = t2i.BitDanceModelLoader.execute("demo/digits-t2i").result[0]
 print("REGISTERED", sum(l.model is managed.patcher for l in mm.current_loaded_models))
@@ -210,31 +195,17 @@ print("AGAIN", sum(l.model is managed.patcher for l in mm.current_loaded_models)
 """
 
 
-def _run_probe(tmp_path, script: str):
-    """(the finished process, its "NAME value" lines as a dict) of a probe script run in a process of its
-    own against ComfyUI's own modules (as ComfyUI would run the pack, on the CPU)."""
-    from conftest import COMFY_DIR, COMFY_PYTHON
-
-    probe = tmp_path / "probe.py"
-    probe.write_text(script)
-    res = subprocess.run([COMFY_PYTHON, str(probe), REPO, COMFY_DIR], capture_output=True, text=True, timeout=600,
-                         cwd=str(tmp_path))
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    return res, dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0].isupper()
-                     and " " in line)
-
-
 def test_a_loaded_model_is_known_to_comfyui_before_it_samples(tmp_path):
     """The loader puts the weights on the device itself, so ComfyUI must be told at once: its free
     memory, the sampler's fit check (which counts the models ComfyUI can unload) and "unload models"
     see the model from the loader on, not from the first sampler run. ComfyUI 0.3.75's own
     model_management, in a process of its own (as ComfyUI would run it, on the CPU)."""
-    res, lines = _run_probe(tmp_path, REGISTRATION_PROBE)
+    res, lines = run_probe(tmp_path, REGISTRATION_PROBE)
     assert lines.get("REGISTERED") == "1", res.stdout[-2000:]
     assert lines.get("AFTER_UNLOAD") == "0" and lines.get("AGAIN") == "1", res.stdout[-2000:]
 
 
-CACHE_AND_PIN_PROBE = REGISTRATION_PROBE.split("from bitdance_pack.nodes import t2i")[0] + """
+CACHE_AND_PIN_PROBE = PROBE_PREAMBLE + """
 from comfy.cli_args import args
 from bitdance_pack.nodes import memory, t2i, tokenizer
 print("PIN_CPU", memory.pin_host_copies())  # --cpu: ComfyUI pins nothing (MAX_PINNED_MEMORY -1)
@@ -266,7 +237,7 @@ def test_loaded_models_tell_comfyui_their_ram_and_follow_its_pinning(tmp_path):
     RAM-pressure cache), a tokenizer that came with a model is not counted twice, and the host copies
     are pinned only where ComfyUI's own pinning is on; a newer ComfyUI's --disable-cuda-graphs (set
     here on 0.3.75's args) turns the loader's cuda_graphs off."""
-    res, lines = _run_probe(tmp_path, CACHE_AND_PIN_PROBE)
+    res, lines = run_probe(tmp_path, CACHE_AND_PIN_PROBE)
     assert lines.get("PIN_CPU") == "False" and lines.get("PIN_ALLOWED") == "None", res.stdout[-2000:]
     assert lines.get("PIN_DISABLED") == "False", res.stdout[-2000:]
     ram, own, cached = (int(x) for x in lines["RAM"].split())

@@ -1,0 +1,70 @@
+"""Live previews follow ComfyUI's --preview-method, in ComfyUI 0.3.75's own process (on the CPU).
+
+- none: progress only; latent2rgb: the tokenizer's linear preview, and the decoder is never run while
+  sampling; auto and taesd: the decoder, whole, where a whole decode fits.
+- Where one would not fit next to the sampling (an offload plan, a tight card): auto shows the linear
+  preview, taesd decodes in tiles.
+The probe watches the previews ComfyUI's progress bar is given and every decode of the sampled grid.
+"""
+from helpers import PROBE_PREAMBLE, run_probe
+
+PREVIEW_PROBE = PROBE_PREAMBLE + """
+import numpy as np
+import comfy.utils
+from comfy.cli_args import args, LatentPreviewMethod as M
+from bitdance_pack.bitdance_core import to_uint8
+from bitdance_pack.nodes import progress, t2i
+
+sent = []
+comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: sent.append(preview))
+managed = t2i.BitDanceModelLoader.execute("demo/digits-t2i").result[0]
+cond = t2i.BitDanceTextEncode.execute(managed, "a handwritten digit three").result[0]
+ae = managed.obj.autoencoder
+decode, tiles = ae.decode, []
+def watched(bits, generator=None, chunk=None, tile=None):
+    if tuple(bits.shape[-2:]) == (4, 4):  # the sampled 4x4 token grid (a fit decodes 16x16 random grids)
+        tiles.append(tile)
+    return decode(bits, generator=generator, chunk=chunk, tile=tile)
+ae.decode = watched
+
+def same(image, pixels):
+    return int(np.array_equal(np.asarray(image), to_uint8(pixels)[0].numpy()))
+
+for method in (M.NoPreviews, M.Latent2RGB, M.Auto, M.TAESD):
+    args.preview_method = method
+    sent.clear(); tiles.clear()
+    bits = t2i.BitDanceARSampler.execute(managed, cond, width=32, height=32, steps=4, cfg=4.0, seed=1,
+                                         batch_size=1).result[0]["samples"][:1]
+    images = [p[1] for p in sent if p is not None]
+    fitted = ae._linear_preview is not None
+    last_linear = same(images[-1], ae.linear_preview()(bits)) if images else -1
+    last_whole = same(images[-1], decode(bits)) if images else -1
+    print(method.name.upper(), len(sent), len(images), int(fitted), len(tiles), int(all(t is None for t in tiles)),
+          last_linear, last_whole)
+
+bits = t2i.BitDanceARSampler.execute(managed, cond, width=32, height=32, steps=4, cfg=4.0, seed=2,
+                                     batch_size=1).result[0]["samples"][:1]
+for method in (M.Auto, M.TAESD):  # where a whole decode would not fit
+    args.preview_method = method
+    tiles.clear()
+    image = progress.preview_decoder(ae, "cpu", whole_fits=False)(bits)
+    print("TIGHT_" + method.name.upper(), tiles, int(np.array_equal(to_uint8(image).numpy(),
+                                                              to_uint8(ae.linear_preview()(bits)).numpy())))
+"""
+
+
+def test_previews_follow_the_preview_method(tmp_path):
+    res, lines = run_probe(tmp_path, PREVIEW_PROBE)
+    rows = {k: [int(v) for v in lines[k].split()] for k in ("NOPREVIEWS", "LATENT2RGB", "AUTO", "TAESD")}
+    # columns: progress updates, previews, linear preview fitted, decodes of the sampled grid, all whole,
+    # last preview == linear preview of the result, last preview == decode of the result
+    blocks = rows["NOPREVIEWS"][0]
+    assert blocks == 4 and rows["NOPREVIEWS"][1:4] == [0, 0, 0], rows  # 32x32 px: 4 blocks of 4 tokens
+    updates, previews, fitted, decodes, _, linear, whole = rows["LATENT2RGB"]
+    assert updates == blocks and previews == blocks and fitted == 1 and decodes == 0 and linear == 1, rows
+    assert whole == 0, rows  # it is not the decode (so the comparisons above tell the two apart)
+    for method in ("AUTO", "TAESD"):
+        updates, previews, _, decodes, all_whole, linear, whole = rows[method]
+        assert updates == previews == decodes == blocks and all_whole == 1 and whole == 1 and linear == 0, rows
+    assert lines["TIGHT_AUTO"] == "[] 1", res.stdout[-2000:]  # the linear preview, no decode
+    assert lines["TIGHT_TAESD"] == "[256] 0", res.stdout[-2000:]  # the decoder, in 256 px tiles

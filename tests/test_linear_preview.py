@@ -1,0 +1,100 @@
+"""The tokenizer's linear preview (models/linear_preview.py): fitted from the decoder alone, it shows
+what the tokens draw (real digits' tokens are recognised by the digit classifier), it is the
+least-squares map it claims to be, and the same seed fits the same map."""
+import numpy as np
+import pytest
+import torch
+
+from bitdance_core import demo_models as dm
+from bitdance_core import load_tokenizer, to_uint8
+from bitdance_core.errors import BitDanceError
+from bitdance_core.models import linear_preview as lp
+from bitdance_core.models.linear_preview import LinearPreview, _features, _patches, fit_linear_preview
+from bitdance_core.train import data
+from bitdance_core.train.evaluate import recognition
+from test_tokenizers import _random_gan_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PER_CLASS = 20
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    return load_tokenizer(dm.T2I)
+
+
+@pytest.fixture(scope="module")
+def held_out_digits():
+    """PER_CLASS held-out real digits of each class, classes 0..9 in order, as [-1, 1] pixels."""
+    images, labels = data.load_digits_8x8()
+    _, (ink, lab) = data.split(images, labels)
+    order = np.concatenate([np.flatnonzero(lab == c)[:PER_CLASS] for c in range(10)])
+    return data.to_pixels(torch.from_numpy(ink[order]), dm.SIZE)
+
+
+def _psnr(a, b):
+    return float(10 * torch.log10(4 / (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean()))
+
+
+@torch.no_grad()
+def test_the_preview_shows_what_the_tokens_draw(demo_tokenizer, held_out_digits):
+    """Fitted on random bits only, the preview of real digits' tokens is recognised nearly as well as
+    their decode, and sits far nearer the decode than the decodes' mean picture does."""
+    ae = demo_tokenizer
+    bits = ae.encode(held_out_digits)
+    decoded = ae.decode(bits)
+    preview = ae.linear_preview()(bits)
+    assert preview.shape == decoded.shape and preview.dtype == torch.float32
+    clf = data.digit_classifier(dm.SIZE)
+    seen, decoded_seen = (recognition(to_uint8(x).numpy(), PER_CLASS, clf) for x in (preview, decoded))
+    print(f"\nrecognised: preview {seen['overall']:.3f} (worst {seen['worst']:.2f}), decode {decoded_seen['overall']:.3f}; "
+          f"PSNR to the decode: preview {_psnr(preview, decoded):.1f} dB, "
+          f"mean picture {_psnr(decoded.mean(0, keepdim=True).expand_as(decoded), decoded):.1f} dB")
+    assert seen["overall"] >= 0.9 and seen["overall"] >= decoded_seen["overall"] - 0.05, seen
+    mean_picture = decoded.mean(0, keepdim=True).expand_as(decoded)
+    assert _psnr(preview, decoded) >= _psnr(mean_picture, decoded) + 3.0
+    assert ae.linear_preview() is ae.linear_preview()  # fitted once per tokenizer
+
+
+@torch.no_grad()
+def test_the_map_is_the_least_squares_fit_it_claims(demo_tokenizer):
+    """The convolution + depth-to-space applies the solved map (a token's 3x3 window of bits, then 1)
+    exactly, and its error on the fitted decodes is orthogonal to every feature (normal equations)."""
+    ae, f = demo_tokenizer, demo_tokenizer.downsample
+    preview = fit_linear_preview(ae.decode, 32, f, seed=3)
+    bits = torch.randint(0, 2, (2, 32, 5, 7), generator=torch.Generator().manual_seed(9)).float() * 2 - 1
+    solution = torch.cat([preview.weight.reshape(preview.weight.shape[0], -1).T, preview.bias[None]]).double()
+    by_features = _features(bits.double()) @ solution  # [tokens, 3*f*f]
+    by_conv = _patches(preview(bits).double(), f)
+    assert torch.allclose(by_conv, by_features.clamp(-1, 1), atol=1e-5)
+    # the fit's own random grids, drawn again: the solution satisfies its ridge normal equations,
+    # X^T (y - X s) = ridge * s, so nothing linear in the window is left in the error
+    gen = torch.Generator().manual_seed(3)
+    grids = -(-lp.SAMPLES_PER_FEATURE * solution.shape[0] // lp.GRID_SIDE ** 2)
+    lhs = torch.zeros_like(solution)
+    for _ in range(grids):
+        grid = torch.randint(0, 2, (1, 32, lp.GRID_SIDE, lp.GRID_SIDE), generator=gen).float() * 2 - 1
+        x, y = _features(grid.double()), _patches(ae.decode(grid).double(), f)
+        lhs += x.T @ (y - x @ solution)
+    ridge = lp.RIDGE * grids * lp.GRID_SIDE ** 2
+    assert torch.allclose(lhs, ridge * solution, atol=1e-3 * ridge * solution.abs().max())
+
+
+@torch.no_grad()
+def test_a_seed_fits_one_map_and_a_gan_decoder_is_fitted_too(tmp_path, demo_tokenizer):
+    a = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=1)
+    b = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=1)
+    c = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=2)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert not torch.equal(a.weight, c.weight)
+    gan = load_tokenizer(_random_gan_tokenizer(tmp_path))  # z=16, f=32; its noise is averaged over by the fit
+    bits = torch.randint(0, 2, (1, 16, 2, 3), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+    preview = gan.linear_preview()(bits)
+    assert preview.shape == (1, 3, 64, 96) and torch.isfinite(preview).all()
+    assert preview.std() > 0
+
+
+def test_bits_of_another_tokenizer_are_refused(demo_tokenizer):
+    preview = LinearPreview(torch.zeros(3 * 64, 32, 3, 3), torch.zeros(3 * 64), 8)
+    with pytest.raises(BitDanceError, match=r"bits must be \[B, 32, h, w\].*got \[1, 16, 4, 4\]"):
+        preview(torch.ones(1, 16, 4, 4))
