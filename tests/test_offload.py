@@ -260,6 +260,19 @@ def test_tiled_decode_brings_the_decoder_in(reference):
     assert off.device_bytes() == 0
 
 
+def test_the_linear_preview_is_fitted_through_the_offload():
+    """A live preview's map, fitted in the middle of an offloaded sampling, brings the decoder in as a
+    decode does and is the map of the plain pipeline."""
+    plain = build_random_t2i(SHAPE, seed=3)
+    pipe = build_random_t2i(SHAPE, seed=3)
+    off = apply_offload(pipe, "stage", "cpu")
+    preview = pipe.autoencoder.linear_preview(pipe.device)
+    assert off.stats.loads == {"decoder": 1}
+    expected = plain.autoencoder.linear_preview(plain.device)
+    assert torch.equal(preview.weight, expected.weight) and torch.equal(preview.bias, expected.bias)
+    off.remove()
+
+
 @pytest.mark.parametrize("mode", ["stage", "stream"])
 @pytest.mark.parametrize("pin", [True, False])
 def test_pinning_is_what_the_caller_asks(reference, mode, pin):
