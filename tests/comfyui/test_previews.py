@@ -58,8 +58,10 @@ def test_previews_follow_the_preview_method(tmp_path):
     rows = {k: [int(v) for v in lines[k].split()] for k in ("NOPREVIEWS", "LATENT2RGB", "AUTO", "TAESD")}
     # columns: progress updates, previews, linear preview fitted, decodes of the sampled grid, all whole,
     # last preview == linear preview of the result, last preview == decode of the result
-    blocks = rows["NOPREVIEWS"][0]
-    assert blocks == 4 and rows["NOPREVIEWS"][1:4] == [0, 0, 0], rows  # 32x32 px: 4 blocks of 4 tokens
+    blocks = 4  # 32x32 px: a 4x4 grid, 4 tokens a block
+    # without previews: progress only (a newer ComfyUI drops an update within 100 ms of the last one
+    # unless it is the first, the last or carries a preview, so the count depends on the machine's speed)
+    assert 2 <= rows["NOPREVIEWS"][0] <= blocks and rows["NOPREVIEWS"][1:4] == [0, 0, 0], rows
     updates, previews, fitted, decodes, _, linear, whole = rows["LATENT2RGB"]
     assert updates == blocks and previews == blocks and fitted == 1 and decodes == 0 and linear == 1, rows
     assert whole == 0, rows  # it is not the decode (so the comparisons above tell the two apart)
