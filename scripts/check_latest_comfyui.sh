@@ -9,7 +9,9 @@
 # Runs: ComfyUI 0.33.0 (2026-08-22), frontend 1.49.6, torch 2.13.0 CPU: test_nodes.py passed (then the
 # default). Last: ComfyUI 0.28.0 (a fork's snapshot of 2026-07-19), frontend 1.45.21, torch 2.13.0 CPU:
 # the smoke check and all of tests/comfyui, 78 passed (76, then the 2 browser tests; the check had first
-# failed on a stale node list and on the pack's requirements not being installed; both fixed).
+# failed on a stale node list and on the pack's requirements not being installed; both fixed). Then the
+# new tests/comfyui/test_previews.py with test_nodes.py there: 13 passed (after the preview test stopped
+# counting progress updates that this ComfyUI drops within 100 ms of the last).
 #
 # Usage: bash scripts/check_latest_comfyui.sh COMFYUI_SRC [pytest args...]
 #   COMFYUI_SRC  a ComfyUI folder (with main.py), or a bare git dir ($COMFYUI_REV, default HEAD, is
