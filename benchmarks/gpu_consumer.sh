@@ -18,7 +18,7 @@
 # fp8_sweep.jsonl stream.json log.txt (at most 8 files come back from $OUT).
 # On the device tool: run(command="OUT=$OUT bash benchmarks/gpu_consumer.sh", timeout_s=600).
 # torchao (optional, for the fp8:torchao variant) is not on the device image: carry its wheel and
-# set PYTHONPATH (see docs/performance.md); without it that variant reports "torchao is not installed".
+# set PYTHONPATH (see docs/performance.md); without it that variant records "fp8 matmul 'torchao' needs the torchao package".
 # DRY=1: the same steps through the same code on the CPU with the tiny shape and simulated caps
 # (CAPS in GiB; tests/test_gpu_consumer.py runs it and checks the JSON).
 set -uo pipefail

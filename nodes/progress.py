@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import comfy.model_management as mm
 import comfy.utils
+import torch
 from comfy.cli_args import LatentPreviewMethod, args
 
 from .convert import pixels_to_pil
@@ -50,8 +51,13 @@ class BlockProgress:
         preview = None
         every = max(1, total // PREVIEWS_PER_RUN)
         if self.decode is not None and (done % every == 0 or done == total):
-            image = pixels_to_pil(self.decode(bits[:1]))
-            preview = ("JPEG", image, min(args.preview_size, max(image.size)))
-            self.previews += 1
+            try:
+                image = pixels_to_pil(self.decode(bits[:1]))
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # a preview must not cost the image (OOM mid-sampling)
+                print(f"[BitDance] warning: live previews are off for this run: making one failed ({e})", flush=True)
+                self.decode = image = None
+            if image is not None:
+                preview = ("JPEG", image, min(args.preview_size, max(image.size)))
+                self.previews += 1
         self.pbar.update_absolute(done, total, preview)
         mm.throw_exception_if_processing_interrupted()

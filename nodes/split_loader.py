@@ -49,8 +49,10 @@ class BitDanceSplitModelLoader(io.ComfyNode):
                 io.Combo.Input("weights", options=WEIGHTS_CHOICES, default="auto",
                                tooltip="fp8: the files' fp8 linears stay fp8 (as stored; computed in dtype). as-is: "
                                        "every weight widened to dtype (twice the memory of fp8, no dequantising per "
-                                       "step). auto: as-is if it fits the free GPU memory without offloading, else "
-                                       "fp8. On the CPU auto is as-is."),
+                                       "step). 4bit: the text encoder's linears quantised to 4 bits on load (GGUF Q4_0), the "
+                                       "head's fp8. auto: the first of as-is, fp8, 4bit that fits the free GPU memory "
+                                       "without offloading; then 4bit with the least offloading. On the CPU auto is "
+                                       "as-is."),
                 io.Combo.Input("offload", options=OFFLOAD_CHOICES, default="auto",
                                tooltip="stage: backbone, head and VAE each on the GPU only while used. stream: some "
                                        "backbone layers stay on the GPU, the others are streamed from CPU memory. "

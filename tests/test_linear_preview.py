@@ -1,6 +1,8 @@
 """The tokenizer's linear preview (models/linear_preview.py): fitted from the decoder alone, it shows
 what the tokens draw (real digits' tokens are recognised by the digit classifier), it is the
 least-squares map it claims to be, and the same seed fits the same map."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from bitdance_core.models import linear_preview as lp
 from bitdance_core.models.linear_preview import LinearPreview, _features, _patches, fit_linear_preview
 from bitdance_core.train import data
 from bitdance_core.train.evaluate import recognition
+from paths import fixture_dirs
 from test_tokenizers import _random_gan_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,6 +33,19 @@ def held_out_digits():
     _, (ink, lab) = data.split(images, labels)
     order = np.concatenate([np.flatnonzero(lab == c)[:PER_CLASS] for c in range(10)])
     return data.to_pixels(torch.from_numpy(ink[order]), dm.SIZE)
+
+
+@pytest.fixture
+def small_fits(monkeypatch):
+    """Fewer, smaller random grids per fit: for the tests that check a fit runs, not what it draws
+    (a 32x downsampling tokenizer decodes 512x512 pixels a grid at the real settings)."""
+    monkeypatch.setattr(lp, "GRID_SIDE", 4)
+    monkeypatch.setattr(lp, "SAMPLES_PER_FEATURE", 2)
+
+
+def _as_conv(solution, z):
+    """A least-squares solution [z*9 + 1, c*f*f] as LinearPreview's (weight, bias)."""
+    return solution[:-1].T.reshape(-1, z, 3, 3).float(), solution[-1].float()
 
 
 def _psnr(a, b):
@@ -53,6 +69,17 @@ def test_the_preview_shows_what_the_tokens_draw(demo_tokenizer, held_out_digits)
     assert seen["overall"] >= 0.9 and seen["overall"] >= decoded_seen["overall"] - 0.05, seen
     mean_picture = decoded.mean(0, keepdim=True).expand_as(decoded)
     assert _psnr(preview, decoded) >= _psnr(mean_picture, decoded) + 3.0
+    # the decode-encode round of the random bits is worth it: nearer the decode than a fit on the
+    # random bits themselves, and not far from a map of the same form fitted on real digits' tokens
+    on_random = fit_linear_preview(ae.decode, 32, ae.downsample)(bits)
+    images, labels = data.load_digits_8x8()
+    (train, _), _ = data.split(images, labels)
+    real = ae.encode(data.to_pixels(torch.from_numpy(train[:1000]), dm.SIZE))
+    x, y = _features(real.double()), _patches(ae.decode(real).double(), ae.downsample)
+    on_real = LinearPreview(*_as_conv(torch.linalg.lstsq(x, y).solution, 32), ae.downsample)(bits)
+    near = {name: _psnr(p, decoded) for name, p in (("ours", preview), ("random", on_random), ("real", on_real))}
+    print("PSNR to the decode of maps fitted on: " + ", ".join(f"{k} {v:.1f} dB" for k, v in near.items()))
+    assert near["ours"] >= near["random"] + 1.0 and near["ours"] >= near["real"] - 5.0, near
     assert ae.linear_preview() is ae.linear_preview()  # fitted once per tokenizer
 
 
@@ -69,22 +96,21 @@ def test_the_map_is_the_least_squares_fit_it_claims(demo_tokenizer):
     assert torch.allclose(by_conv, by_features.clamp(-1, 1), atol=1e-5)
     # the fit's own random grids, drawn again: the solution satisfies its ridge normal equations,
     # X^T (y - X s) = ridge * s, so nothing linear in the window is left in the error
-    gen = torch.Generator().manual_seed(3)
     grids = -(-lp.SAMPLES_PER_FEATURE * solution.shape[0] // lp.GRID_SIDE ** 2)
+    drawn = torch.randint(0, 2, (grids, 32, lp.GRID_SIDE, lp.GRID_SIDE), generator=torch.Generator().manual_seed(3))
     lhs = torch.zeros_like(solution)
-    for _ in range(grids):
-        grid = torch.randint(0, 2, (1, 32, lp.GRID_SIDE, lp.GRID_SIDE), generator=gen).float() * 2 - 1
-        x, y = _features(grid.double()), _patches(ae.decode(grid).double(), f)
+    for grid in drawn.float() * 2 - 1:
+        x, y = _features(grid[None].double()), _patches(ae.decode(grid[None]).double(), f)
         lhs += x.T @ (y - x @ solution)
     ridge = lp.RIDGE * grids * lp.GRID_SIDE ** 2
     assert torch.allclose(lhs, ridge * solution, atol=1e-3 * ridge * solution.abs().max())
 
 
 @torch.no_grad()
-def test_a_seed_fits_one_map_and_a_gan_decoder_is_fitted_too(tmp_path, demo_tokenizer):
-    a = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=1)
-    b = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=1)
-    c = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=2)
+def test_a_seed_fits_one_map_and_a_gan_decoder_is_fitted_too(tmp_path, demo_tokenizer, small_fits):
+    a = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=1, encode=demo_tokenizer.encode)
+    b = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=1, encode=demo_tokenizer.encode)
+    c = fit_linear_preview(demo_tokenizer.decode, 32, 8, seed=2, encode=demo_tokenizer.encode)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     assert not torch.equal(a.weight, c.weight)
     gan = load_tokenizer(_random_gan_tokenizer(tmp_path))  # z=16, f=32; its noise is averaged over by the fit
@@ -92,6 +118,15 @@ def test_a_seed_fits_one_map_and_a_gan_decoder_is_fitted_too(tmp_path, demo_toke
     preview = gan.linear_preview()(bits)
     assert preview.shape == (1, 3, 64, 96) and torch.isfinite(preview).all()
     assert preview.std() > 0
+
+
+@torch.no_grad()
+def test_a_uniwetok_tokenizer_has_a_preview_too(small_fits):
+    """UniWeTok (a BinaryAutoencoder with a decoder of its own, noise included) fits one as well."""
+    tok = load_tokenizer(os.path.join(fixture_dirs("uniwetok")[0], "uniwetok.pt"))
+    bits = torch.randint(0, 2, (1, tok.config.z_channels, 2, 3), generator=torch.Generator().manual_seed(0)) * 2.0 - 1
+    preview = tok.linear_preview()(bits)
+    assert preview.shape == (1, 3, 2 * tok.downsample, 3 * tok.downsample) and preview.std() > 0
 
 
 def test_bits_of_another_tokenizer_are_refused(demo_tokenizer):

@@ -39,9 +39,10 @@ class BinaryAutoencoder(nn.Module):
     def linear_preview(self, device=None) -> LinearPreview:
         """The cheap live preview of these bits (linear_preview.py), fitted from this decoder on first
         use (decoding on `device`, default where the decoder's weights are) and kept."""
-        if self._linear_preview is None:
+        if getattr(self, "_linear_preview", None) is None:  # (a subclass may skip this __init__)
             device = self.decoder.conv_out.weight.device if device is None else device
-            self._linear_preview = fit_linear_preview(self.decode, self.config.z_channels, self.downsample, device)
+            self._linear_preview = fit_linear_preview(self.decode, self.config.z_channels, self.downsample, device,
+                                                      gan_decoder=self.config.gan_decoder, encode=self.encode)
         return self._linear_preview
 
     @torch.no_grad()

@@ -2,8 +2,9 @@
 
 - none: progress only; latent2rgb: the tokenizer's linear preview, and the decoder is never run while
   sampling; auto and taesd: the decoder, whole, where a whole decode fits.
-- Where one would not fit next to the sampling (an offload plan, a tight card): auto shows the linear
-  preview, taesd decodes in tiles.
+- Where the sampler's memory check says one would not fit next to the sampling (an offload plan, a
+  tight card): auto shows the linear preview, taesd decodes in tiles.
+- A preview that fails (out of GPU memory mid-sampling) turns the run's previews off, not its image.
 The probe watches the previews ComfyUI's progress bar is given and every decode of the sampled grid.
 """
 from helpers import PROBE_PREAMBLE, run_probe
@@ -42,14 +43,35 @@ for method in (M.NoPreviews, M.Latent2RGB, M.Auto, M.TAESD):
     print(method.name.upper(), len(sent), len(images), int(fitted), len(tiles), int(all(t is None for t in tiles)),
           last_linear, last_whole)
 
-bits = t2i.BitDanceARSampler.execute(managed, cond, width=32, height=32, steps=4, cfg=4.0, seed=2,
-                                     batch_size=1).result[0]["samples"][:1]
-for method in (M.Auto, M.TAESD):  # where a whole decode would not fit
+def sample(seed):
+    return t2i.BitDanceARSampler.execute(managed, cond, width=32, height=32, steps=4, cfg=4.0, seed=seed,
+                                         batch_size=1).result[0]["samples"][:1]
+
+# the sampler's fit check says a whole decode would not fit beside the sampling (a tight card, an offload plan)
+from bitdance_pack.bitdance_core.runtime.fitting import GenerationCheck
+asked = []
+def tight(self, ae_config, height, width, dtype):
+    asked.append((height, width))
+    return False
+GenerationCheck.whole_preview_fits = tight
+for method in (M.Auto, M.TAESD):
     args.preview_method = method
-    tiles.clear()
-    image = progress.preview_decoder(ae, "cpu", whole_fits=False)(bits)
-    print("TIGHT_" + method.name.upper(), tiles, int(np.array_equal(to_uint8(image).numpy(),
-                                                              to_uint8(ae.linear_preview()(bits)).numpy())))
+    sent.clear(); tiles.clear()
+    bits = sample(2)
+    images = [p[1] for p in sent if p is not None]
+    print("TIGHT_" + method.name.upper(), *asked[-1], len(images), ",".join(map(str, tiles)) or "-",
+          same(images[-1], ae.linear_preview()(bits)))
+
+# a preview that fails (out of memory in the middle of sampling) turns previews off, not the image
+def failing(device=None):
+    raise RuntimeError("CUDA out of memory (simulated)")
+ae.linear_preview = failing
+args.preview_method = M.Latent2RGB
+sent.clear()
+failed = sample(3)
+previews = len([p for p in sent if p is not None])
+args.preview_method = M.NoPreviews
+print("FAILED_PREVIEW", previews, int(bool((failed == sample(3)).all())))
 """
 
 
@@ -68,5 +90,8 @@ def test_previews_follow_the_preview_method(tmp_path):
     for method in ("AUTO", "TAESD"):
         updates, previews, _, decodes, all_whole, linear, whole = rows[method]
         assert updates == previews == decodes == blocks and all_whole == 1 and whole == 1 and linear == 0, rows
-    assert lines["TIGHT_AUTO"] == "[] 1", res.stdout[-2000:]  # the linear preview, no decode
-    assert lines["TIGHT_TAESD"] == "[256] 0", res.stdout[-2000:]  # the decoder, in 256 px tiles
+    # where the sampler's check says a whole decode would not fit (asked for the image's own size)
+    assert lines["TIGHT_AUTO"] == "32 32 4 - 1", res.stdout[-2000:]  # the linear preview, no decode
+    assert lines["TIGHT_TAESD"] == "32 32 4 256,256,256,256 0", res.stdout[-2000:]  # the decoder, in 256 px tiles
+    assert lines["FAILED_PREVIEW"] == "0 1", res.stdout[-2000:]  # no preview, the same image
+    assert "live previews are off for this run: making one failed (CUDA out of memory (simulated))" in res.stdout

@@ -3,8 +3,8 @@ without a GPU). Prints one PREVIEW_COSTS line of seconds (no timing is asserted;
 nodes/progress.py's `auto` choice on consumer cards):
 - whole: the decoder on the whole image (what `auto` and `taesd` run where it fits);
 - tiled: the decoder in 256 px tiles whose states rest in CPU memory (`taesd` on a tight plan);
-- fit: fitting the linear preview (once per load), and linear: one linear preview (`latent2rgb`, and
-  `auto` on a tight plan), from bits on the GPU.
+- fit: fitting the linear preview (once per load: decode, encode, decode of random grids);
+- linear: one linear preview (`latent2rgb`, and `auto` on a tight plan), from bits on the GPU.
 """
 import json
 import time
@@ -37,12 +37,14 @@ def test_preview_costs_at_1024_with_the_released_tokenizer_shape():
             p.mul_(0.05)
     bits = (torch.randint(0, 2, (1, 32, 64, 64), device="cuda") * 2 - 1).float()
     ae.decode(bits[..., :16, :16])  # warm-up (kernel selection)
+    torch.cuda.reset_peak_memory_stats()
     whole_s, whole = _seconds(lambda: ae.decode(bits))
+    whole_peak = torch.cuda.max_memory_allocated()
     tiled_s, tiled = _seconds(lambda: ae.decode(bits, tile=256))
     fit_s, preview = _seconds(lambda: ae.linear_preview("cuda"))
     linear_s, pixels = _seconds(lambda: preview(bits))
     print("\nPREVIEW_COSTS " + json.dumps({"whole_s": whole_s, "tiled_s": tiled_s, "fit_s": fit_s, "linear_s": linear_s,
-                                           "whole_peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}))
+                                           "whole_peak_gib": whole_peak / 2 ** 30}))
     assert whole.shape == tiled.shape == pixels.shape == (1, 3, 1024, 1024)
     assert torch.isfinite(whole).all() and torch.isfinite(pixels).all()
     scale = whole.float().abs().max()
