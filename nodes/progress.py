@@ -24,7 +24,8 @@ def preview_decoder(autoencoder, device, whole_fits: bool = True):
     if method == LatentPreviewMethod.NoPreviews:
         return None
     if method == LatentPreviewMethod.Latent2RGB or (method == LatentPreviewMethod.Auto and not whole_fits):
-        return lambda bits: autoencoder.linear_preview(device)(bits)
+        # its fit (once per load, seconds on a GPU) stops at a user's interrupt like the sampling
+        return lambda bits: autoencoder.linear_preview(device, mm.throw_exception_if_processing_interrupted)(bits)
     tile = None if whole_fits else PREVIEW_TILE
     return lambda bits: autoencoder.decode(bits.to(device), tile=tile)
 

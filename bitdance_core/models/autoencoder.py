@@ -36,13 +36,15 @@ class BinaryAutoencoder(nn.Module):
     def _param_dtype(self):
         return self.decoder.conv_out.weight.dtype
 
-    def linear_preview(self, device=None) -> LinearPreview:
-        """The cheap live preview of these bits (linear_preview.py), fitted from this decoder on first
-        use (decoding on `device`, default where the decoder's weights are) and kept."""
+    def linear_preview(self, device=None, between=None) -> LinearPreview:
+        """The cheap live preview of these bits (linear_preview.py), fitted from this tokenizer on first
+        use (on `device`, default where the decoder's weights are; `between` is called after each of
+        the fit's decodes and encodes) and kept."""
         if getattr(self, "_linear_preview", None) is None:  # (a subclass may skip this __init__)
             device = self.decoder.conv_out.weight.device if device is None else device
             self._linear_preview = fit_linear_preview(self.decode, self.config.z_channels, self.downsample, device,
-                                                      gan_decoder=self.config.gan_decoder, encode=self.encode)
+                                                      gan_decoder=self.config.gan_decoder, encode=self.encode,
+                                                      between=between)
         return self._linear_preview
 
     @torch.no_grad()

@@ -64,32 +64,39 @@ def _patches(pixels: torch.Tensor, f: int) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_linear_preview(decode, z_channels: int, downsample: int, device="cpu", seed: int = 0,
-                       gan_decoder: bool = False, encode=None) -> LinearPreview:
+                       gan_decoder: bool = False, encode=None, between=None) -> LinearPreview:
     """Fit the preview of a tokenizer whose `decode(bits, generator=...)` maps ±1 bits [B, z, h, w] on
-    `device` to pixels [B, c, h*f, w*f] (`chunk=1`: one image at a time). Decodes one random grid at a
-    time (the memory of a 256x256 decode at f = 16) and accumulates the normal equations in float64.
-    The same seed gives the same map.
+    `device` to pixels [B, c, h*f, w*f]. Decodes one random grid at a time (the memory of a 256x256
+    decode at f = 16) and accumulates the normal equations in float64. The same seed gives the same map.
     encode: the tokenizer's encoder (pixels -> bits); given, each random grid is decoded and encoded
     once before the fit decodes it, so the map is fitted on tokens like the ones images have.
-    gan_decoder: the decoder draws noise from the generator it is given (one on `device`, seeded)."""
+    gan_decoder: the decoder draws noise from the generator it is given (one on `device`, seeded).
+    between: called after each grid's decode or encode (e.g. to raise a user's interrupt)."""
     n_features = z_channels * KERNEL * KERNEL + 1
     grids = -(-SAMPLES_PER_FEATURE * n_features // GRID_SIDE ** 2)
     grids = max(1, min(grids, MAX_FIT_PIXELS // (GRID_SIDE * downsample) ** 2))  # z=128, f=32: fewer, ridge-held
     cpu = torch.Generator().manual_seed(seed)
     # a GAN decoder's noise is averaged over by the fit; other decoders take no generator (some devices have none)
     noise = torch.Generator(device=device).manual_seed(seed) if gan_decoder else None
+    between = between or (lambda: None)
+
+    def each(network, inputs):  # all grids through one network before the next: under an offload mode
+        outs = []               # each network's weights come in once per pass, not once a grid
+        for one in inputs:
+            outs.append(network(one[None]))
+            between()
+        return outs
+
     bits = torch.randint(0, 2, (grids, z_channels, GRID_SIDE, GRID_SIDE), generator=cpu).float().mul_(2).sub_(1)
-    bits = bits.to(device)
-    # all grids through each network in turn, one grid at a time: under an offload mode each network's
-    # weights come in once, not once a grid
+    bits = list(bits.to(device))
     if encode is not None:
-        images = decode(bits, generator=noise, chunk=1)
-        bits = torch.cat([encode(image[None]) for image in images]).float()
-    pixels = decode(bits, generator=noise, chunk=1)
+        images = each(lambda b: decode(b, generator=noise), bits)
+        bits = [b[0].float() for b in each(encode, [image[0] for image in images])]
+    pixels = each(lambda b: decode(b, generator=noise), bits)
     xtx = torch.zeros(n_features, n_features, dtype=torch.float64)
     xty = None
     for grid, image in zip(bits, pixels):
-        x, y = _features(grid[None].to("cpu", torch.float64)), _patches(image[None].to("cpu", torch.float64), downsample)
+        x, y = _features(grid[None].to("cpu", torch.float64)), _patches(image.to("cpu", torch.float64), downsample)
         xtx += x.T @ x
         xty = x.T @ y if xty is None else xty.add_(x.T @ y)
     xtx += torch.eye(n_features, dtype=torch.float64) * (RIDGE * grids * GRID_SIDE ** 2)

@@ -4,7 +4,8 @@
   sampling; auto and taesd: the decoder, whole, where a whole decode fits.
 - Where the sampler's memory check says one would not fit next to the sampling (an offload plan, a
   tight card): auto shows the linear preview, taesd decodes in tiles.
-- A preview that fails (out of GPU memory mid-sampling) turns the run's previews off, not its image.
+- Cancelling while the linear preview is fitted stops the run there; a preview that fails (out of GPU
+  memory mid-sampling) turns the run's previews off, not its image.
 The probe watches the previews ComfyUI's progress bar is given and every decode of the sampled grid.
 """
 from helpers import PROBE_PREAMBLE, run_probe
@@ -21,10 +22,14 @@ comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=N
 managed = t2i.BitDanceModelLoader.execute("demo/digits-t2i").result[0]
 cond = t2i.BitDanceTextEncode.execute(managed, "a handwritten digit three").result[0]
 ae = managed.obj.autoencoder
-decode, tiles = ae.decode, []
+decode, tiles, fit_decodes, interrupt_at = ae.decode, [], [0], [None]
 def watched(bits, generator=None, chunk=None, tile=None):
     if tuple(bits.shape[-2:]) == (4, 4):  # the sampled 4x4 token grid (a fit decodes 16x16 random grids)
         tiles.append(tile)
+    else:
+        fit_decodes[0] += 1
+        if fit_decodes[0] == interrupt_at[0]:
+            mm.interrupt_current_processing(True)  # the user presses cancel while the preview is being fitted
     return decode(bits, generator=generator, chunk=chunk, tile=tile)
 ae.decode = watched
 
@@ -62,8 +67,18 @@ for method in (M.Auto, M.TAESD):
     print("TIGHT_" + method.name.upper(), *asked[-1], len(images), ",".join(map(str, tiles)) or "-",
           same(images[-1], ae.linear_preview()(bits)))
 
+# cancel while the linear preview is fitted: the run stops there (as within a block), nothing half-fitted is kept
+args.preview_method = M.Latent2RGB
+ae._linear_preview, fit_decodes[0], interrupt_at[0] = None, 0, 3
+try:
+    sample(4)
+    print("CANCELLED", 0)
+except mm.InterruptProcessingException:
+    print("CANCELLED", 1, fit_decodes[0], int(ae._linear_preview is None))
+mm.interrupt_current_processing(False)
+
 # a preview that fails (out of memory in the middle of sampling) turns previews off, not the image
-def failing(device=None):
+def failing(device=None, between=None):
     raise RuntimeError("CUDA out of memory (simulated)")
 ae.linear_preview = failing
 args.preview_method = M.Latent2RGB
@@ -93,5 +108,6 @@ def test_previews_follow_the_preview_method(tmp_path):
     # where the sampler's check says a whole decode would not fit (asked for the image's own size)
     assert lines["TIGHT_AUTO"] == "32 32 4 - 1", res.stdout[-2000:]  # the linear preview, no decode
     assert lines["TIGHT_TAESD"] == "32 32 4 256,256,256,256 0", res.stdout[-2000:]  # the decoder, in 256 px tiles
+    assert lines["CANCELLED"] == "1 3 1", res.stdout[-2000:]  # stopped at the fit's 3rd decode, no map kept
     assert lines["FAILED_PREVIEW"] == "0 1", res.stdout[-2000:]  # no preview, the same image
     assert "live previews are off for this run: making one failed (CUDA out of memory (simulated))" in res.stdout
