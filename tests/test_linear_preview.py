@@ -10,6 +10,8 @@ import torch
 from bitdance_core import demo_models as dm
 from bitdance_core import load_tokenizer, to_uint8
 from bitdance_core.errors import BitDanceError
+from bitdance_core.models.ae_layers import AutoencoderConfig
+from bitdance_core.models.autoencoder import BinaryAutoencoder
 from bitdance_core.models import linear_preview as lp
 from bitdance_core.models.linear_preview import LinearPreview, _features, _patches, fit_linear_preview
 from bitdance_core.train import data
@@ -127,6 +129,17 @@ def test_a_uniwetok_tokenizer_has_a_preview_too(small_fits):
     bits = torch.randint(0, 2, (1, tok.config.z_channels, 2, 3), generator=torch.Generator().manual_seed(0)) * 2.0 - 1
     preview = tok.linear_preview()(bits)
     assert preview.shape == (1, 3, 2 * tok.downsample, 3 * tok.downsample) and preview.std() > 0
+
+
+@torch.no_grad()
+def test_a_tokenizer_of_other_channel_counts_is_fitted(small_fits):
+    """Grey-scale pixels (out_ch 1) and a narrow latent: the map has as many outputs as the decoder."""
+    torch.manual_seed(0)
+    grey = BinaryAutoencoder(AutoencoderConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4, in_channels=1,
+                                               out_ch=1))
+    preview = grey.linear_preview()
+    assert preview.weight.shape == (1 * 4 * 4, 4, 3, 3)
+    assert preview(torch.ones(2, 4, 3, 5)).shape == (2, 1, 12, 20)
 
 
 def test_bits_of_another_tokenizer_are_refused(demo_tokenizer):
