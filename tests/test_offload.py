@@ -260,13 +260,14 @@ def test_tiled_decode_brings_the_decoder_in(reference):
     assert off.device_bytes() == 0
 
 
-def test_the_linear_preview_is_fitted_through_the_offload():
+@pytest.mark.parametrize("mode", ["stage", "stream"])
+def test_the_linear_preview_is_fitted_through_the_offload(mode):
     """A live preview's map, fitted in the middle of an offloaded sampling, brings the networks in as a
     decode does, once per pass over its random grids (decode, encode, decode), not once a grid, and is
     the map of the plain pipeline."""
     plain = build_random_t2i(SHAPE, seed=3)
     pipe = build_random_t2i(SHAPE, seed=3)
-    off = apply_offload(pipe, "stage", "cpu")
+    off = apply_offload(pipe, mode, "cpu", **({"resident_layers": 1} if mode == "stream" else {}))
     preview = pipe.autoencoder.linear_preview(pipe.device)
     assert off.stats.loads == {"decoder": 2, "encoder": 1}
     expected = plain.autoencoder.linear_preview(plain.device)
