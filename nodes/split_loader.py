@@ -49,8 +49,9 @@ class BitDanceSplitModelLoader(io.ComfyNode):
                 io.Combo.Input("weights", options=WEIGHTS_CHOICES, default="auto",
                                tooltip="fp8: the files' fp8 linears stay fp8 (as stored; computed in dtype). as-is: "
                                        "every weight widened to dtype (twice the memory of fp8, no dequantising per "
-                                       "step). 4bit: the text encoder's linears quantised to 4 bits on load (GGUF Q4_0), the "
-                                       "head's fp8. auto: the first of as-is, fp8, 4bit that fits the free GPU memory "
+                                       "step). 4bit: the text encoder's linears in 4 bits (GGUF Q4_0: read from "
+                                       "<text encoder>-Q4_0.gguf beside it, written once by `python -m bitdance_core "
+                                       "convert --text-encoder FILE --weights 4bit`, or quantised on load), the head's fp8. auto: the first of as-is, fp8, 4bit that fits the free GPU memory "
                                        "without offloading; then 4bit with the least offloading. On the CPU auto is "
                                        "as-is."),
                 io.Combo.Input("offload", options=OFFLOAD_CHOICES, default="auto",

@@ -17,13 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from bitdance_core.errors import BitDanceError
 from bitdance_core.formats.fp8 import FP8, Fp8Linear
-from bitdance_core.pipelines.comfy_split import load_comfy_split, load_split, read_split_configs
+from bitdance_core.pipelines.comfy_split import load_comfy_split, load_split, read_split_configs, split_q4_file
 from bitdance_core.pipelines.prompts import (UNCOND_PROMPT, bitdance_vocab_size, parallel_num_from_vocab_size,
                                              qwen3_bitdance_codec, qwen_vocab_bitdance_codec)
 from bitdance_core.pipelines.t2i_loading import read_t2i_configs
 from bitdance_core.runtime import fitting, plan_for
 
-from paths import fixture_dirs, fixture_tokens_raster
+from paths import fixture_dirs, fixture_tokens_raster, run_cli
 from split_files import fixture_parallel_num, write_split
 
 FIXTURES = fixture_dirs("t2i-")
@@ -313,7 +313,7 @@ def test_plan_for_split_files_decides_as_for_the_folder(split_sets):
             try:
                 d = plan_for(source, free, **kw)
                 # where a 4-bit backbone comes from differs (a folder may hold backbone-Q4_0.gguf): not the decision
-                reason = re.sub(r" \((the backbone is quantised on load|no backbone-Q4_0\.gguf yet.*)\)$", "", d.reason)
+                reason = re.sub(r" \((the text encoder is quantised on load.*|no backbone-Q4_0\.gguf yet.*)\)$", "", d.reason)
                 got.append((d.weights, d.offload, d.resident_layers, d.plan.peak_bytes, reason))
             except BitDanceError as e:  # "<name> does not fit the GPU: ..."
                 assert str(e).startswith(name + " does not fit"), str(e)
@@ -343,3 +343,44 @@ def test_load_comfy_split_in_one_call(split_sets):
     paths = split_sets[FIXTURES[0]]["qwen"]
     pipe = load_comfy_split(*_files(paths), qwen_vocab=qwen3_files(), dtype=torch.float32, weights="dequant")
     assert type(pipe.backbone.model.layers[0].mlp.up_proj) is torch.nn.Linear and pipe.parallel_num == 16
+
+
+def test_convert_a_split_text_encoder_then_load_is_quantise_on_load(split_sets, tmp_path):
+    """`convert --text-encoder` writes the split text encoder's 4-bit backbone once, beside it; a 4-bit load
+    then reads it: the same bytes and tokens as quantising the fp8 file on load. A file that does not
+    belong to the text encoder beside it is refused."""
+    paths = split_sets[FIXTURES[0]]["fp8"]
+    for p in paths.values():  # a folder of their own: the 4-bit file goes beside the text encoder
+        shutil.copy(p, tmp_path)
+    main, te, vae = (str(tmp_path / os.path.basename(p)) for p in _files(paths))
+    cfg = read_split_configs(main, te, vae)
+    on_load = load_split(cfg, dtype=torch.float32, weights="4bit")
+    reason = plan_for(cfg, None, device="cpu", weights="4bit").reason
+    assert "the text encoder is quantised on load" in reason and f"convert --text-encoder {te} --weights 4bit" in reason
+    r = run_cli("convert", "--text-encoder", te, "--weights", "4bit")
+    assert r.returncode == 0, r.stderr[-2000:]
+    q4 = split_q4_file(te)
+    assert r.stdout.strip() == q4 and q4.endswith("_text_encoder-Q4_0.gguf") and os.path.isfile(q4)
+    assert f"4-bit text encoder from {os.path.basename(q4)}" in plan_for(cfg, None, device="cpu", weights="4bit").reason
+    from_file = load_split(cfg, dtype=torch.float32, weights="4bit")
+    a, b = on_load.backbone.state_dict(), from_file.backbone.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    p = json.load(open(os.path.join(FIXTURES[0], _cases(FIXTURES[0])[0], "params.json")))
+    assert torch.equal(_generate(on_load, p), _generate(from_file, p))
+    # beside a text encoder with other weights (the same shapes): named, with the command that rewrites it
+    other = tmp_path / "other"
+    other.mkdir()
+    tensors = load_file(te)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, str(other / os.path.basename(te)))
+    shutil.copy(q4, other)
+    other_cfg = read_split_configs(main, str(other / os.path.basename(te)), vae, tokenizer=paths["tokenizer"])
+    with pytest.raises(BitDanceError, match=r"-Q4_0\.gguf: made from other weights than .*the fingerprints of "
+                                            r"'model\.norm\.weight' differ; delete it, or write it again with "
+                                            r"`python -m bitdance_core convert --text-encoder"):
+        load_split(other_cfg, dtype=torch.float32, weights="4bit")
+    with pytest.raises(BitDanceError, match=r"-Q4_0\.gguf: a 4-bit text encoder file .*choose the \.safetensors text "
+                                            r"encoder it was made from"):
+        read_split_configs(main, q4, vae)
+    r = run_cli("convert", "--model", str(tmp_path), "--text-encoder", te, "--weights", "4bit")
+    assert r.returncode == 2 and "either --model" in r.stderr

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import BitDanceError, require
-from ..formats.checkpoints import open_safetensors, read_json
+from ..formats.checkpoints import check_keys, open_safetensors, read_json
 from ..formats.fp8 import Fp8Linear, Fp8Source, quantize_fp8
 from ..models.ae_layers import AutoencoderConfig
 from ..models.head import HeadConfig
@@ -32,6 +32,7 @@ from .prompts import (PromptCodec, bitdance_vocab_size, from_tokenizers_file, lo
 from .sizes import SizeRule, max_res_token
 from .t2i import T2IPipeline
 from .t2i_loading import T2IInfo, build_t2i_modules, materialize_parts
+from .t2i_q4 import check_q4_gguf, write_q4_gguf
 
 # The prefixes each part may carry inside its file.
 HEAD_PREFIXES = ("diffusion_head.", "model.diffusion_head.", "main_model.diffusion_head.", "vision_head.")
@@ -206,6 +207,9 @@ def _header_kind(path: str, mtime_ns: int, size: int) -> str | None:
 def _open_slot(path: str, slot: str) -> Fp8Source:
     """The file chosen for `slot`, refused with a clear message when it is some other file."""
     what = SLOTS[slot]
+    require(not (slot == "text_encoder" and path.endswith("-Q4_0.gguf")),
+            f"{path}: a 4-bit text encoder file (from `convert --text-encoder`): choose the .safetensors text "
+            f"encoder it was made from; with weights=4bit the loader reads this file beside it")
     require(path.endswith(".safetensors"),
             f"{path}: chosen as the BitDance {what}, but it is not a .safetensors file "
             f"(the split files are safetensors, e.g. {COMMUNITY_FILES[slot]})")
@@ -218,13 +222,28 @@ def _open_slot(path: str, slot: str) -> Fp8Source:
     return src  # a file of no BitDance kind is named by the slot's own key checks (what it lacks)
 
 
+def _open_text_encoder(text_encoder: str) -> Fp8Source:
+    return _under_prefix(_open_slot(text_encoder, "text_encoder"), TEXT_ENCODER_PREFIXES, _KIND_PROBES["text_encoder"],
+                         "text encoder", quiet=Qwen3Backbone.IGNORED_KEYS)
+
+
 def _open_parts(main_model: str, text_encoder: str, vae: str):
     """(head, projector, text encoder, VAE) sources, prefixes stripped."""
     head, proj = split_main_model(_open_slot(main_model, "main_model"))
-    te = _under_prefix(_open_slot(text_encoder, "text_encoder"), TEXT_ENCODER_PREFIXES, _KIND_PROBES["text_encoder"],
-                       "text encoder", quiet=Qwen3Backbone.IGNORED_KEYS)
     ae = _under_prefix(_open_slot(vae, "vae"), VAE_PREFIXES, _KIND_PROBES["vae"], "VAE")
-    return head, proj, te, ae
+    return head, proj, _open_text_encoder(text_encoder), ae
+
+
+def _llm_config(text_encoder: str, te_src: Fp8Source, llm_config: dict | str | None) -> Qwen3Config:
+    """The text encoder's config: `llm_config` (a dict or a json path), else `<stem>_config.json` beside
+    it, else from its tensor shapes."""
+    if llm_config is None:
+        llm_config = _config_beside(text_encoder)
+    if isinstance(llm_config, str):
+        return Qwen3Config.from_json(read_json(llm_config), llm_config)
+    if isinstance(llm_config, dict):
+        return Qwen3Config.from_json(llm_config, "llm_config")
+    return infer_qwen3_config(te_src, text_encoder)
 
 
 # ---- the configs, from the tensor shapes ------------------------------------------------------
@@ -276,14 +295,7 @@ def read_split_configs(main_model: str, text_encoder: str, vae: str, tokenizer: 
     A `<stem>_config.json` beside the text-encoder or VAE file, or `llm_config`, overrides the
     shapes' configs."""
     head_src, _, te_src, vae_src = _open_parts(main_model, text_encoder, vae)
-    if llm_config is None:
-        llm_config = _config_beside(text_encoder)
-    if isinstance(llm_config, str):
-        llm = Qwen3Config.from_json(read_json(llm_config), llm_config)
-    elif isinstance(llm_config, dict):
-        llm = Qwen3Config.from_json(llm_config, "llm_config")
-    else:
-        llm = infer_qwen3_config(te_src, text_encoder)
+    llm = _llm_config(text_encoder, te_src, llm_config)
     ae_json = _config_beside(vae)
     ae = AutoencoderConfig.from_json(read_json(ae_json), ae_json) if ae_json else infer_ae_config(vae_src, vae)
 
@@ -346,14 +358,60 @@ def load_split(configs: SplitConfigs, device="cpu", dtype=torch.bfloat16, weight
     weights = "as-is" if weights == "dequant" else weights
     head_src, proj_src, te_src, vae_src = _open_parts(configs.main_model, configs.text_encoder, configs.vae)
     backbone, head, projector, ae = build_t2i_modules(*configs.parts)
-    materialize_parts([(backbone, te_src, "Qwen3 text encoder",
-                        _unused_keys(backbone, te_src, "text encoder", Qwen3Backbone.IGNORED_KEYS), "backbone"),
+    q4 = open_split_q4(configs.text_encoder, configs.llm, te_src) if weights == "4bit" else None
+    backbone_part = ((backbone, q4, "4-bit text encoder", (), "backbone") if q4 is not None else
+                     (backbone, te_src, "Qwen3 text encoder",
+                      _unused_keys(backbone, te_src, "text encoder", Qwen3Backbone.IGNORED_KEYS), "backbone"))
+    materialize_parts([backbone_part,
                        (head, head_src, "diffusion head", (), "head"), (projector, proj_src, "projector", (), None),
                        (ae, vae_src, "VAE", _unused_keys(ae, vae_src, "VAE"), None)],
                       weights, device, dtype, include, matmul)
     backbone.set_attention(attention)
     head.set_attention(attention)
     return T2IPipeline(backbone, head, projector, ae, configs.codec, device, name=configs.name)
+
+
+# ---- the text encoder in 4 bits, written once ------------------------------------------------
+
+def split_q4_file(text_encoder: str) -> str:
+    """Where the split loader looks for a text encoder's 4-bit backbone: beside it, `<stem>-Q4_0.gguf`
+    (ComfyUI's models/text_encoders/, where the GGUF files of other models go)."""
+    return os.path.splitext(text_encoder)[0] + "-Q4_0.gguf"
+
+
+def split_convert_command(text_encoder: str) -> str:
+    return f"python -m bitdance_core convert --text-encoder {text_encoder} --weights 4bit"
+
+
+def write_split_q4(text_encoder: str, out: str | None = None, progress: Callable[[int, int], None] | None = None,
+                   llm_config: dict | str | None = None) -> str:
+    """Write a split text encoder's backbone as a 4-bit GGUF file (default: `split_q4_file`), so that a
+    4-bit load reads 4-bit bytes instead of quantising the fp8 file each time: the same bytes as that
+    quantising (t2i_q4.write_q4_gguf). Returns the path."""
+    te_src = _open_text_encoder(text_encoder)
+    llm = _llm_config(text_encoder, te_src, llm_config)
+    with torch.device("meta"):
+        backbone = Qwen3Backbone(llm)
+    check_keys(backbone, te_src, "Qwen3 text encoder", _unused_keys(backbone, te_src, "text encoder",
+                                                                    Qwen3Backbone.IGNORED_KEYS))
+    return write_q4_gguf(te_src, llm, os.path.basename(text_encoder), out or split_q4_file(text_encoder), progress)
+
+
+def open_split_q4(text_encoder: str, llm: Qwen3Config, te_src: Fp8Source | None = None):
+    """The text encoder's 4-bit file beside it (a GGUFSource), checked against it (format, config, the
+    weights it was made from); None when there is none."""
+    path = split_q4_file(text_encoder)
+    if not os.path.isfile(path):
+        return None
+    return check_q4_gguf(path, llm, te_src, "this text encoder", text_encoder, split_convert_command(text_encoder))
+
+
+def split_q4_status(text_encoder: str) -> str:
+    """Where a 4-bit split load takes its backbone from, for the loader's decision line."""
+    if os.path.isfile(split_q4_file(text_encoder)):
+        return f"4-bit text encoder from {os.path.basename(split_q4_file(text_encoder))}"
+    return (f"the text encoder is quantised on load (minutes at 14B); `{split_convert_command(text_encoder)}` "
+            "writes it once")
 
 
 def load_comfy_split(main_model: str, text_encoder: str, vae: str, tokenizer: str | None = None, device="cpu",

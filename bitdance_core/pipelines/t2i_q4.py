@@ -69,33 +69,35 @@ def quantized_keys(backbone: nn.Module) -> set[str]:
 
 
 def _stored_kinds(src, keys) -> dict[str, str]:
-    """The GGUF type that keeps each (unquantised) tensor as stored: safetensors header dtypes."""
+    """The GGUF type that keeps each (unquantised) tensor as stored: safetensors header dtypes. An fp8
+    tensor (an Fp8Source reads it dequantised) is kept as F32."""
     from safetensors import safe_open
 
+    names = getattr(src, "names", None)  # an Fp8Source: logical key -> key in its file
+    base = src.src if names is not None else src
     kinds, handles = {}, {}
     for k in keys:
-        path = src.files[k]
+        file_key = names[k] if names is not None else k
+        path = base.files[file_key]
         if path not in handles:
             handles[path] = safe_open(path, framework="pt", device="cpu")
-        dt = handles[path].get_slice(k).get_dtype()
+        dt = handles[path].get_slice(file_key).get_dtype()
         kinds[k] = {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(dt, "F32")
     return kinds
 
 
-def write_q4_backbone(configs, out: str | None = None, progress: Callable[[int, int], None] | None = None) -> str:
-    """Write a model folder's backbone as a 4-bit GGUF file (default: `q4_file(folder)`). One tensor at a
-    time: the linears quantised to Q4_0 on the CPU, the rest copied as stored. Returns the path."""
-    out = out or q4_file(configs.path)
-    backbone = _meta_backbone(configs.llm)
-    src = open_sharded(configs.files.llm_folder)
-    check_keys(backbone, src, "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS)
+def write_q4_gguf(src, llm, name: str, out: str, progress: Callable[[int, int], None] | None = None) -> str:
+    """Write the backbone read from `src` (checked strictly against `llm`'s keys and shapes, `ignore`d keys
+    aside) as a 4-bit GGUF file at `out`. One tensor at a time: the linears quantised to Q4_0 on the
+    CPU, the rest copied as stored. Its metadata names `name`, the config and the source's fingerprint."""
+    backbone = _meta_backbone(llm)
     shapes = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
     q4 = quantized_keys(backbone)
     kinds = _stored_kinds(src, [k for k in shapes if k not in q4])
     entries = [(k, shape, "Q4_0" if k in q4 else kinds[k]) for k, shape in shapes.items()]
-    meta = {"general.name": os.path.basename(os.path.normpath(configs.path)), "general.file_type": MOSTLY_Q4_0,
+    meta = {"general.name": name, "general.file_type": MOSTLY_Q4_0,
             "general.quantization_version": 2, "bitdance.format": FORMAT, "bitdance.format_version": FORMAT_VERSION,
-            "bitdance.qwen3_config": _config_json(configs.llm), "bitdance.source_fingerprint": fingerprint(src)}
+            "bitdance.qwen3_config": _config_json(llm), "bitdance.source_fingerprint": fingerprint(src)}
 
     def produce(key: str) -> torch.Tensor:
         if key in q4:
@@ -104,14 +106,20 @@ def write_q4_backbone(configs, out: str | None = None, progress: Callable[[int, 
     return write_gguf(out, ARCH, meta, entries, produce, progress)
 
 
-def open_q4_backbone(configs) -> GGUFSource | None:
-    """The folder's 4-bit backbone file, checked against the folder (format, config, the weights it was
-    made from when those are on disk); None when there is no such file."""
-    path = q4_file(configs.path)
-    if not os.path.isfile(path):
-        return None
+def write_q4_backbone(configs, out: str | None = None, progress: Callable[[int, int], None] | None = None) -> str:
+    """Write a model folder's backbone as a 4-bit GGUF file (default: `q4_file(folder)`). Returns the path."""
+    src = open_sharded(configs.files.llm_folder)
+    check_keys(_meta_backbone(configs.llm), src, "Qwen3 backbone", Qwen3Backbone.IGNORED_KEYS)
+    return write_q4_gguf(src, configs.llm, os.path.basename(os.path.normpath(configs.path)),
+                         out or q4_file(configs.path), progress)
+
+
+def check_q4_gguf(path: str, llm, source, here: str, source_what: str, redo: str) -> GGUFSource:
+    """The 4-bit backbone file at `path`, checked: its format, that it was made for `llm` (the config of
+    `here`: "this folder"), and (when the weights it was made from are at hand: `source`, named
+    `source_what`) from those very weights."""
     src = GGUFSource(path)
-    redo = f"delete it, or write it again with `{convert_command(configs.path)}`"
+    redo = f"delete it, or write it again with `{redo}`"
     if src.metadata("bitdance.format") != FORMAT:
         raise BitDanceError(f"{path}: not a BitDance 4-bit backbone file (bitdance.format is "
                             f"{src.metadata('bitdance.format')!r}, expected {FORMAT!r}); {redo}")
@@ -119,20 +127,30 @@ def open_q4_backbone(configs) -> GGUFSource | None:
     if version != FORMAT_VERSION:
         raise BitDanceError(f"{path}: format version {version}, this engine reads version {FORMAT_VERSION}; {redo}")
     made_for = src.metadata("bitdance.qwen3_config")
-    if made_for != _config_json(configs.llm):
+    if made_for != _config_json(llm):
         theirs = json.loads(made_for) if made_for else {}
-        ours = dataclasses.asdict(configs.llm)
-        diff = [f"{k} {theirs.get(k)} (this folder: {ours[k]})" for k in ours if theirs.get(k) != ours[k]]
+        ours = dataclasses.asdict(llm)
+        diff = [f"{k} {theirs.get(k)} ({here}: {ours[k]})" for k in ours if theirs.get(k) != ours[k]]
         raise BitDanceError(f"{path}: made for another model: {', '.join(diff[:4])}; {redo}")
+    if source is not None and FINGERPRINT_KEY in source.shapes:
+        if fingerprint(source) != src.metadata("bitdance.source_fingerprint"):
+            raise BitDanceError(f"{path}: made from other weights than {source_what}: the fingerprints of "
+                                f"'{FINGERPRINT_KEY}' differ; {redo}")
+    return src
+
+
+def open_q4_backbone(configs) -> GGUFSource | None:
+    """The folder's 4-bit backbone file, checked against the folder (format, config, the weights it was
+    made from when those are on disk); None when there is no such file."""
+    path = q4_file(configs.path)
+    if not os.path.isfile(path):
+        return None
     try:
         folder_src = open_sharded(configs.files.llm_folder)
     except BitDanceError:
         folder_src = None  # only the 4-bit file is left: nothing to compare with
-    if folder_src is not None and FINGERPRINT_KEY in folder_src.shapes:
-        if fingerprint(folder_src) != src.metadata("bitdance.source_fingerprint"):
-            raise BitDanceError(f"{path}: made from other weights than this folder's backbone "
-                                f"({configs.files.llm_folder}): the fingerprints of '{FINGERPRINT_KEY}' differ; {redo}")
-    return src
+    return check_q4_gguf(path, configs.llm, folder_src, "this folder",
+                         f"this folder's backbone ({configs.files.llm_folder})", convert_command(configs.path))
 
 
 def q4_status(configs) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import BitDanceError, require
 from ..formats.fp8_matmul import FP8_TENSOR_CORES, gpu_capability, has_fp8_tensor_cores
-from ..pipelines.comfy_split import SplitConfigs, load_split
+from ..pipelines.comfy_split import SplitConfigs, load_split, split_q4_status
 from ..pipelines.t2i_loading import T2IConfigs, load_t2i, read_t2i_configs
 from ..pipelines.t2i_q4 import q4_status
 from .offload import apply_offload
@@ -196,7 +196,9 @@ def _q4_note(w: str, configs) -> str:
     """Where a 4-bit load takes its backbone from, for the decision line."""
     if w != "4bit" or configs is None:
         return ""
-    return f" ({q4_status(configs)})" if isinstance(configs, T2IConfigs) else " (the backbone is quantised on load)"
+    if isinstance(configs, T2IConfigs):
+        return f" ({q4_status(configs)})"
+    return f" ({split_q4_status(configs.text_encoder)})" if isinstance(configs, SplitConfigs) else ""
 
 
 def _plan_gpu(name, device, llm, head, ae, args, common, info, free_bytes, weights, offload, margin, reserve_bytes, kw):
