@@ -24,7 +24,7 @@ from bitdance_core.pipelines.prompts import (QWEN_MERGES_SHA256, QWEN_VOCAB_SHA2
 from conftest import COMFY_DIR, MODELS
 from helpers import TEST_WORKFLOWS, load, node_of
 from test_comfy_split import PROMPTS, qwen3_files
-from paths import fixture_tokens_raster
+from paths import fixture_tokens_raster, run_cli
 
 COMFY_QWEN = os.path.join(COMFY_DIR, "comfy", "text_encoders", "qwen25_tokenizer")
 LOADER = "BitDanceSplitModelLoader"
@@ -237,3 +237,27 @@ def test_split_files_at_the_top_of_models_bitdance_are_offered_and_run(comfy):
     finally:
         for path in links.values():
             os.remove(path)
+
+
+def test_a_4bit_text_encoder_written_once_is_read_by_the_split_loader(comfy):
+    """weights 4bit through the Split Model Loader: the fp8 text encoder quantised on load, then, once
+    `convert --text-encoder` has written <stem>-Q4_0.gguf beside it in models/text_encoders/, read from
+    that file: the same bits (and the engine's), and the console says which."""
+    te = os.path.join(comfy.base, "models", "text_encoders", "tiny_fp8_text_encoder.safetensors")
+    q4 = te[: -len(".safetensors")] + "-Q4_0.gguf"
+    assert not os.path.exists(q4)
+    try:
+        on_load, _ = _run(comfy, _split_workflow("fp8", weights="4bit", offload="none"))
+        r = run_cli("convert", "--text-encoder", te, "--weights", "4bit")
+        assert r.returncode == 0 and r.stdout.strip() == q4, r.stderr[-2000:]
+        from_file, _ = _run(comfy, _split_workflow("fp8", weights="4bit", offload="stage"))  # new inputs: a new load
+        assert torch.equal(on_load, from_file)
+        ref_bits, _ = _engine(comfy, _split_workflow("fp8"), "fp8", "4bit")
+        assert torch.equal(from_file, ref_bits)
+        lines = open(comfy.log_path, encoding="utf-8", errors="replace").read().splitlines()
+        assert any("weights 4bit, offload none" in x and "the text encoder is quantised on load" in x for x in lines)
+        assert any("weights 4bit, offload stage" in x and "4-bit text encoder from tiny_fp8_text_encoder-Q4_0.gguf" in x
+                   for x in lines)
+    finally:
+        if os.path.exists(q4):
+            os.remove(q4)  # the other tests quantise on load
