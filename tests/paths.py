@@ -104,11 +104,14 @@ def cpu_fp8_path(mode: str) -> str:
     return mode if fp8_matmul.cpu_scaled_mm_takes_row_scales() else f"dequant ({fp8_matmul.NO_CPU_ROW_SCALES})"
 
 
-def assert_bf16_tokens(bits, shape) -> None:
-    """Tokens of a bfloat16 generation. They are torch.sign of the sampler's output, as upstream: -1
-    or +1, or 0 where the head's bf16 output rounded to exactly 0 in both guidance branches (rare, and
-    how often depends on the CPU's bf16 kernels, so a test may not count on none): every value one of
-    the three, almost all ±1."""
-    assert tuple(bits.shape) == tuple(shape), bits.shape
-    assert set(bits.unique().tolist()) <= {-1.0, 0.0, 1.0}, bits.unique()
-    assert (bits != 0).float().mean().item() > 0.95
+def assert_sampled_tokens(bits, shape=None, max_zero: float = 1e-3) -> None:
+    """Tokens a sampler made: torch.sign of the head's output, as the official pipeline takes it, so ±1,
+    and 0 where that output is exactly 0 (torch.sign(0) = 0). That is rare, and how rare depends on the
+    CPU's kernels, so a test may not count on none: about once in 10^5 values with fp8 weights on an
+    AVX2 CPU (the last Euler step adds -x back to x), more in bfloat16 (max_zero 0.05 there: the head's
+    output rounded to 0 in both guidance branches). Every value one of the three, almost all ±1."""
+    if shape is not None:
+        assert tuple(bits.shape) == tuple(shape), bits.shape
+    values = set(bits.unique().tolist())
+    assert {-1.0, 1.0} <= values <= {-1.0, 0.0, 1.0}, values
+    assert (bits == 0).float().mean().item() <= max_zero, int((bits == 0).sum())

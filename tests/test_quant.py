@@ -15,7 +15,7 @@ from bitdance_core.formats.fp8 import FP8, Fp8Linear, Fp8Source, dequantize_fp8,
 from bitdance_core.pipelines.comfy_split import load_comfy_split, parallel_num_from_codec, save_comfy_split
 from bitdance_core.pipelines.t2i_loading import load_t2i
 from bitdance_core.cli.synthetic import SHAPES, SyntheticCodec, build_random_t2i, save_official_folder, write_tokenizer_json
-from paths import assert_bf16_tokens, cpu_fp8_path
+from paths import assert_sampled_tokens, cpu_fp8_path
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*not one of the official BitDance sizes.*")
@@ -116,7 +116,7 @@ def test_scaled_mm_pipeline_on_the_cpu(ref_pipe, tok_dir, tmp_path):
     set_matmul(pipe.head, "dequant")  # weight-only fp8: the error scaled-mm adds by rounding activations is small
     dequant_err = _rel_err(pipe.head.net(x.to(torch.bfloat16), t, c.to(torch.bfloat16)).float(), ref)
     assert _rel_err(head_out, ref) < 2 * dequant_err < 0.3, (_rel_err(head_out, ref), dequant_err)
-    assert_bf16_tokens(pipe.generate(PROMPT, 128, 128, steps=2, cfg=4.0, seed=0), (1, 32, 8, 8))
+    assert_sampled_tokens(pipe.generate(PROMPT, 128, 128, steps=2, cfg=4.0, seed=0), (1, 32, 8, 8), max_zero=0.05)
 
 
 def test_quantize_linears_keeps_the_narrow_ends_and_dtype_probes(ref_pipe):
@@ -173,7 +173,8 @@ def test_quantise_on_load_from_an_official_folder(ref_pipe, tok_dir, tmp_path):
     pos = torch.arange(20)[None].expand(2, 20)
     assert _rel_err(pipe.backbone(emb, pos), ref_pipe.backbone(emb, pos)) < 0.08
     bits = pipe.generate(PROMPT, 128, 128, steps=1, cfg=4.0, seed=0)
-    assert bits.shape == (1, 32, 8, 8) and set(bits.unique().tolist()) <= {-1.0, 1.0}
+    assert bits.shape == (1, 32, 8, 8)
+    assert_sampled_tokens(bits)
 
 
 @pytest.mark.parametrize("prefixes", [("diffusion_head.", "projector.", "", ""),
