@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import comfy.model_management as mm
 import comfy.utils
-import torch
 from comfy.cli_args import LatentPreviewMethod, args
 
 from .convert import pixels_to_pil
@@ -37,8 +36,8 @@ class BlockProgress:
     interrupts, so a long sampling stops within one AR block. Every few blocks the partial bits are
     made into a picture by `decode` (preview_decoder; first image of the batch) and sent as the node's
     live preview, and after the last block the whole image, so the sampler does not keep showing a
-    partial one. Previews keep the image's own size (ComfyUI scales a preview to --preview-size, up as well as down: a 32x32 digit would
-    be sent, and captioned, as 512x512).
+    partial one. Previews keep the image's own size (ComfyUI scales a preview to --preview-size, up as
+    well as down: a 32x32 digit would be sent, and captioned, as 512x512).
     """
 
     def __init__(self, decode=None, node_id=None):
@@ -54,7 +53,7 @@ class BlockProgress:
         if self.decode is not None and (done % every == 0 or done == total):
             try:
                 image = pixels_to_pil(self.decode(bits[:1]))
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # a preview must not cost the image (OOM mid-sampling)
+            except RuntimeError as e:  # out of GPU memory mid-sampling included: a preview must not cost the image
                 print(f"[BitDance] warning: live previews are off for this run: making one failed ({e})", flush=True)
                 self.decode = image = None
             if image is not None:

@@ -51,7 +51,8 @@ class BitDanceSplitModelLoader(io.ComfyNode):
                                        "every weight widened to dtype (twice the memory of fp8, no dequantising per "
                                        "step). 4bit: the text encoder's linears in 4 bits (GGUF Q4_0: read from "
                                        "<text encoder>-Q4_0.gguf beside it, written once by `python -m bitdance_core "
-                                       "convert --text-encoder FILE --weights 4bit`, or quantised on load), the head's fp8. auto: the first of as-is, fp8, 4bit that fits the free GPU memory "
+                                       "convert --text-encoder FILE --weights 4bit`, or quantised on load), the "
+                                       "head's fp8. auto: the first of as-is, fp8, 4bit that fits the free GPU memory "
                                        "without offloading; then 4bit with the least offloading. On the CPU auto is "
                                        "as-is."),
                 io.Combo.Input("offload", options=OFFLOAD_CHOICES, default="auto",

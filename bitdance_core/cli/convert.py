@@ -10,6 +10,7 @@ The model's other files stay where they are.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -27,10 +28,9 @@ def cmd_convert(args):
             "give either --model (a model folder) or --text-encoder (a split text encoder file), not both")
     if args.model is not None:
         configs = read_t2i_configs(args.model)
-        where_read, write = q4_file(configs.path), lambda out, progress: write_q4_backbone(configs, out, progress)
+        where_read, write = q4_file(configs.path), functools.partial(write_q4_backbone, configs)
     else:
-        where_read, write = split_q4_file(args.text_encoder), lambda out, progress: write_split_q4(args.text_encoder, out,
-                                                                                                   progress)
+        where_read, write = split_q4_file(args.text_encoder), functools.partial(write_split_q4, args.text_encoder)
     out = args.out or where_read
     start = time.perf_counter()
 

@@ -83,20 +83,22 @@ def fit_linear_preview(decode, z_channels: int, downsample: int, device="cpu", s
     def each(network, inputs):  # all grids through one network before the next: under an offload mode
         outs = []               # each network's weights come in once per pass, not once a grid
         for one in inputs:
-            outs.append(network(one[None]))
+            outs.append(network(one))
             between()
         return outs
 
+    def decoded(b):
+        return decode(b, generator=noise)
+
     bits = torch.randint(0, 2, (grids, z_channels, GRID_SIDE, GRID_SIDE), generator=cpu).float().mul_(2).sub_(1)
-    bits = list(bits.to(device))
+    bits = bits.to(device).split(1)  # [1, z, side, side] each
     if encode is not None:
-        images = each(lambda b: decode(b, generator=noise), bits)
-        bits = [b[0].float() for b in each(encode, [image[0] for image in images])]
-    pixels = each(lambda b: decode(b, generator=noise), bits)
+        bits = [b.float() for b in each(encode, each(decoded, bits))]
+    pixels = each(decoded, bits)
     xtx = torch.zeros(n_features, n_features, dtype=torch.float64)
     xty = None
     for grid, image in zip(bits, pixels):
-        x, y = _features(grid[None].to("cpu", torch.float64)), _patches(image.to("cpu", torch.float64), downsample)
+        x, y = _features(grid.to("cpu", torch.float64)), _patches(image.to("cpu", torch.float64), downsample)
         xtx += x.T @ x
         xty = x.T @ y if xty is None else xty.add_(x.T @ y)
     xtx += torch.eye(n_features, dtype=torch.float64) * (RIDGE * grids * GRID_SIDE ** 2)

@@ -87,8 +87,8 @@ def _stored_kinds(src, keys) -> dict[str, str]:
 
 
 def write_q4_gguf(src, llm, name: str, out: str, progress: Callable[[int, int], None] | None = None) -> str:
-    """Write the backbone read from `src` (checked strictly against `llm`'s keys and shapes, `ignore`d keys
-    aside) as a 4-bit GGUF file at `out`. One tensor at a time: the linears quantised to Q4_0 on the
+    """Write the backbone read from `src` (the caller has checked its keys against `llm`'s) as a 4-bit
+    GGUF file at `out`. One tensor at a time: the linears quantised to Q4_0 on the
     CPU, the rest copied as stored. Its metadata names `name`, the config and the source's fingerprint."""
     backbone = _meta_backbone(llm)
     shapes = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
