@@ -366,6 +366,37 @@ def test_cli_t2i_init_image_is_encoded_with_the_models_tokenizer(tmp_path):
     assert torch.equal(got[..., :4, :], encoded[..., :4, :])
 
 
+def test_init_image_is_read_as_shown_and_16_bit_gray_is_scaled(tmp_path):
+    """--init-image: a photo with an EXIF orientation is turned as it is shown (as ComfyUI's LoadImage
+    does); a 16-bit grayscale PNG is scaled from 0..65535 rather than clipped to white; a float image is
+    refused by name."""
+    from PIL import Image
+    from bitdance_core.cli.continuation import read_image
+
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)  # 64 wide, 32 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    shown = read_image(str(tmp_path / "phone.png"))
+    assert tuple(shown.shape) == (1, 3, 64, 32)
+    expected = np.rot90(stored, k=-1)  # clockwise
+    assert torch.equal(shown, torch.from_numpy(expected.astype(np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1)
+    Image.fromarray(stored).save(tmp_path / "plain.png")
+    assert tuple(read_image(str(tmp_path / "plain.png")).shape) == (1, 3, 32, 64)
+
+    gray16 = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    got = read_image(str(tmp_path / "gray16.png"))
+    want = torch.from_numpy(gray16.astype(np.float32) / 65535.0)[None, None].expand(1, 3, 32, 32) * 2 - 1
+    assert torch.allclose(got, want, atol=1e-6)
+    assert (got < 0.99).float().mean() > 0.9  # not clipped to white
+
+    Image.fromarray(rng.random((32, 32), dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(BitDanceError, match="float.tiff: a 32-bit float image"):
+        read_image(str(tmp_path / "float.tiff"))
+
+
 def test_cli_imagenet_own_tokens_kept_reproduce_the_official_run(tmp_path):
     fixture, case = IMAGENET_CASES[0]
     p = params(fixture, case)
@@ -394,8 +425,11 @@ def test_cli_bad_inputs_say_what_is_wrong(tmp_path):
     np.save(tmp_path / "mask.npy", np.ones((3, 3), dtype=bool))
     from PIL import Image
     Image.new("RGB", (100, 64)).save(tmp_path / "odd.png")
+    np.save(tmp_path / "pixels.npy", np.full((1, 32, 32, 3), 200, dtype=np.uint8))  # a pixels array, not bits
     init = ["--init-tokens-npy", str(tmp_path / "init.npy")]
     cases = [
+        (["--init-tokens-npy", str(tmp_path / "pixels.npy"), "--keep-rows", "4"],
+         "init tokens hold values other than ±1 (e.g. 200; uint8 [1, 32, 32, 3]) and look like pixels"),
         (["--init-tokens-npy", str(tmp_path / "half.npy"), "--keep-rows", "8"], "bits from another tokenizer"),
         (init + ["--keep-rows", "6"], "keep rows 6: must be a multiple of the block height, 4 latent rows (64 px)"),
         (init + ["--keep-mask-npy", str(tmp_path / "mask.npy")], "keep mask: shape [3, 3] does not fit: expected [4, 4]"),

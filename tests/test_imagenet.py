@@ -175,6 +175,37 @@ def test_vae_file_and_safetensors_resave_give_the_same_result(tiny, tmp_path):
     assert torch.equal(fixed.autoencoder.decoder.conv_out.weight, tiny.autoencoder.decoder.conv_out.weight)
 
 
+@needs_tiny
+def test_the_tokenizer_file_in_every_layout_gives_the_same_model(tiny, tmp_path):
+    """--vae as the .pt, as BitDance-Tokenizer's plain-key ae_*.safetensors, as a safetensors whose keys keep
+    the ImageNet model's `vae.` prefix, and as a tokenizer folder: the same tokenizer weights each time
+    (the safetensors files store names that differ from the model's, which the reader must map)."""
+    from safetensors.torch import save_file
+    from bitdance_core.pipelines.tokenizers import tokenizer_source
+
+    vsrc, _ = tokenizer_source(os.path.join(TINY, "vae.pt"))
+    weights = {k: vsrc.read(k, "cpu", None).contiguous() for k in vsrc.keys() if k.startswith(("encoder.", "decoder."))}
+    save_file(weights, str(tmp_path / "ae_plain.safetensors"))
+    save_file({"vae." + k: v for k, v in weights.items()}, str(tmp_path / "ae_prefixed.safetensors"))
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    save_file(weights, str(folder / "ae.safetensors"))
+    ae = tiny.autoencoder
+    (folder / "ae_config.json").write_text(json.dumps(ae.config.to_json()))
+    sd = load_pt(os.path.join(TINY, "model.pt"))["ema"]
+    torch.save({"ema": {k: v for k, v in sd.items() if not k.startswith("vae.")}}, tmp_path / "novae.pt")
+    expected = tiny.autoencoder.state_dict()
+    for vae in ("ae_plain.safetensors", "ae_prefixed.safetensors", "tokenizer"):
+        model = load_imagenet(str(tmp_path / "novae.pt"), vae=str(tmp_path / vae), config=os.path.join(TINY, "config.json"))
+        got = model.autoencoder.state_dict()
+        assert got.keys() == expected.keys(), vae
+        assert all(torch.equal(got[k], expected[k]) for k in expected), vae
+    # A file with no tokenizer tensors is refused by name, not silently ignored.
+    save_file({"head.weight": torch.zeros(2, 2)}, str(tmp_path / "not_a_tokenizer.safetensors"))
+    with pytest.raises(BitDanceError, match="not_a_tokenizer.safetensors: no encoder.* or decoder.* tensors"):
+        load_imagenet(os.path.join(TINY, "model.pt"), vae=str(tmp_path / "not_a_tokenizer.safetensors"))
+
+
 # ---- unsafe and broken files ---------------------------------------------------------------------------
 
 class _WritesAFile:

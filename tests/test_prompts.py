@@ -52,3 +52,19 @@ def test_16x_query_ids():
 def test_empty_prompt_is_refused(codec):
     with pytest.raises(BitDanceError, match="prompt is empty"):
         codec.encode_prompt("   ")
+
+
+def test_a_tokenizer_without_the_chat_markers_is_refused(tmp_path):
+    """A tokenizer.json whose <|im_start|> is gone (another model's, or a hand-edited one) would split
+    the chat template into plain text and condition on the wrong ids: refused naming the file."""
+    import json
+
+    tok = json.loads(open(qwen3_tokenizer_json()).read())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|im_start|>"]
+    tok["model"]["vocab"].pop("<|im_start|>", None)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(tok))
+    from bitdance_core.pipelines.prompts import from_tokenizers_file
+
+    with pytest.raises(BitDanceError, match=r"tokenizer.json: the tokenizer has no <\|im_start\|> token"):
+        from_tokenizers_file(str(path)).encode_prompt("a cat")

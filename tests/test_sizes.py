@@ -13,6 +13,7 @@ import pytest
 from bitdance_core import demo_models as dm
 from bitdance_core import BitDanceError, describe_t2i, load_t2i
 from bitdance_core.cli.main import main as cli_main
+from bitdance_core.pipelines.prompts import PromptCodec
 from bitdance_core.pipelines.sizes import OFFICIAL_SIZES, SizeRule, max_res_token
 from bitdance_core.cli.synthetic import build_random_t2i, custom_shape, save_official_folder, write_tokenizer_json
 from paths import run_cli
@@ -44,7 +45,11 @@ def test_the_rule():
     assert SizeRule(16, 16, 128).sizes == OFFICIAL_SIZES
     # the largest side is whole blocks: res tokens to 100, 4-token blocks of 16 px -> 1600 px
     assert SizeRule(16, 16, 100).max_side == 1600 and not SizeRule(16, 16, 100).has_official_sizes
-    assert max_res_token({"<|res_1|>", "<|res_2|>", "<|res_3|>", "<|res_5|>"}.__contains__) == 3
+    def codec(tokens):
+        return PromptCodec(str.split, {t: i for i, t in enumerate(tokens)}.get, "folder/tokenizer.json")
+    assert max_res_token(codec(["<|res_1|>", "<|res_2|>", "<|res_3|>", "<|res_5|>"])) == 3
+    with pytest.raises(BitDanceError, match=r"folder/tokenizer.json: the tokenizer has no <\|res_1\|> token"):
+        max_res_token(codec(["<|im_start|>", "<|res_2|>"]))  # Qwen3's own tokenizer, say
     none = SizeRule(16, 64, 4)  # res tokens shorter than one 8-token block: no size at all, said clearly
     assert none.sizes == []
     for call in (lambda: none.reference_size, none.summary, lambda: none.check(128, 128)):

@@ -125,7 +125,8 @@ def copy_model(tmp_path):
     (dict(width=0), r"width 0 px \(asked for: width 0, height 256\) is not a positive whole number of pixels"),
     (dict(height=4096, width=256), r"height 4096 px .* is larger than its largest side, 2048 px .*<\|res_128\|>"),
     (dict(steps=0), "steps must be an integer >= 1, got 0"),
-    (dict(cfg=-1.0), "cfg .* must be >= 0, got -1.0"),
+    (dict(cfg=-1.0), "cfg .* must be a finite number >= 0, got -1.0"),
+    (dict(cfg=float("inf")), "cfg .* must be a finite number >= 0, got inf"),
     (dict(num_images=0), "num_images must be an integer >= 1, got 0"),
 ])
 def test_bad_arguments(pipe, kwargs, match):
@@ -157,6 +158,71 @@ def test_truncated_safetensors(tmp_path):
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(BitDanceError, match="vision_head.safetensors: truncated safetensors file"):
         load_t2i(str(m))
+
+
+def _edit_json(path, edit):
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(obj)))
+
+
+@pytest.mark.parametrize("file, edit, words", [
+    ("config.json", lambda c: {**c, "rms_norm_eps": "x"}, "rms_norm_eps is 'x'; expected a number"),
+    ("config.json", lambda c: {**c, "hidden_size": 64.5}, "hidden_size is 64.5; expected an integer"),
+    ("config.json", lambda c: {**c, "num_hidden_layers": None}, "num_hidden_layers is null; expected an integer"),
+    ("config.json", lambda c: [c], "expected a JSON object"),
+    ("vision_head_config.json", lambda c: {**c, "parallel_num": 0}, "parallel_num 0 must be positive"),
+    ("vision_head_config.json", lambda c: {**c, "time_shift": "x"}, "time_shift is 'x'; expected a number"),
+    ("vision_head_config.json", lambda c: {**c, "use_swiglu": "yes"}, "use_swiglu is 'yes'; expected true or false"),
+    ("ae_config.json", lambda c: {**c, "ddconfig": {**c["ddconfig"], "z_channels": "32"}},
+     "ddconfig: z_channels is '32'; expected an integer"),
+    ("ae_config.json", lambda c: {**c, "ddconfig": {**c["ddconfig"], "ch_mult": 4}}, "ch_mult is 4; expected a list"),
+])
+def test_a_config_value_of_the_wrong_type_is_named(tmp_path, file, edit, words):
+    """A hand-edited config: the file, the key and the value are named before any weight is read, not a
+    TypeError or ZeroDivisionError from inside the model."""
+    m = copy_model(tmp_path)
+    _edit_json(m / file, edit)
+    with pytest.raises(BitDanceError) as e:
+        load_t2i(str(m))
+    assert str(e.value).startswith(str(m / file)) and words in str(e.value), str(e.value)
+
+
+def test_a_broken_shard_index_is_named(tmp_path):
+    m = copy_model(tmp_path)
+    index = m / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"model.embed_tokens.weight": "model.safetensors",')
+    with pytest.raises(BitDanceError, match=r"model.safetensors.index.json: not valid JSON"):
+        load_t2i(str(m))
+    index.write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": "../elsewhere/model.safetensors"}}))
+    with pytest.raises(BitDanceError, match=r"names '../elsewhere/model.safetensors'; shards must be file names in"):
+        load_t2i(str(m))
+
+
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 28000000000\n")
+HTML_PAGE = b"\n<!DOCTYPE html>\n<html class=''><head><title>model.safetensors</title></head><body></body></html>\n"
+
+
+@pytest.mark.parametrize("stand_in, words", [(LFS_POINTER, "a Git LFS pointer to a 28,000,000,000-byte file"),
+                                             (HTML_PAGE, "a web page, not weights"), (b"", "an empty file")])
+def test_what_a_failed_download_left_is_named_in_every_weights_format(tmp_path, stand_in, words):
+    """A Git LFS pointer, a saved web page or an empty file in place of the weights: the safetensors, .pt
+    and GGUF readers each name the file and what it is (not 'truncated', and not a pickle that 'could
+    execute code'), so the user knows to fetch the file itself."""
+    from bitdance_core.formats.checkpoints import load_pt
+    from bitdance_core.formats.gguf_file import GGUFSource
+
+    m = copy_model(tmp_path)
+    (m / "model.safetensors").write_bytes(stand_in)
+    with pytest.raises(BitDanceError) as e:
+        load_t2i(str(m))
+    assert str(e.value).startswith(f"{m / 'model.safetensors'}: {words}"), str(e.value)
+    for name, read in (("model.pt", load_pt), ("backbone-Q4_0.gguf", GGUFSource)):
+        (tmp_path / name).write_bytes(stand_in)
+        with pytest.raises(BitDanceError) as e:
+            read(str(tmp_path / name))
+        assert str(e.value).startswith(f"{tmp_path / name}: {words}"), str(e.value)
+        assert "execute" not in str(e.value)
 
 
 def test_a_complete_file_that_safetensors_cannot_read_is_not_called_truncated(tmp_path):

@@ -38,6 +38,8 @@ def test_ae_tiny_round_trip(path):
         ae.encode(torch.zeros(1, 3, 100, 64))
     with pytest.raises(BitDanceError, match=r"bits must be \[B, 32, h, w\]"):
         ae.decode(torch.ones(1, 16, 4, 4))
+    with pytest.raises(BitDanceError, match=r"bits \[0, 32, 4, 4\] hold no tokens"):
+        ae.decode(torch.ones(0, 32, 4, 4))
 
 
 @needs_ae

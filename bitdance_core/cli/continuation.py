@@ -40,6 +40,11 @@ class Init:
             arr = _load(self.path, "--init-tokens-npy")
             require(arr.ndim == 4, f"{self.path}: init tokens must be float32 ±1 [B, C, h, w] (as --tokens-npy writes), "
                                    f"got shape {list(arr.shape)}")
+            values = np.unique(arr) if arr.size <= 1 << 24 else np.unique(arr.ravel()[:1 << 24])
+            odd = [v for v in values.tolist() if v not in (-1, 0, 1)]  # 0: torch.sign's rare exact zero
+            require(not odd, f"{self.path}: init tokens hold values other than ±1 (e.g. {odd[0] if odd else ''}; "
+                             f"{arr.dtype} {list(arr.shape)}){' and look like pixels' if arr.dtype == np.uint8 else ''}: "
+                             "give bits as --tokens-npy writes them, or an image with --init-image")
             self.bits = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32)))
         elif args.init_image:
             self.path = args.init_image
@@ -68,17 +73,25 @@ class Init:
 
 def read_image(path: str) -> torch.Tensor:
     """A PNG (or any image PIL reads) as RGB pixels [1, 3, H, W] in [-1, 1] (as ComfyUI's LoadImage
-    and BitDance Encode see it)."""
-    from PIL import Image, UnidentifiedImageError
+    and BitDance Encode see it): turned as its EXIF orientation says (a phone photo stands as shown),
+    16-bit grayscale scaled from 0..65535 (an RGB conversion would clip it to white)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise BitDanceError(f"missing --init-image file: {path}")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "F":
+                raise BitDanceError(f"--init-image {path}: a 32-bit float image; save it as an 8- or 16-bit PNG")
+            if im.mode.startswith("I"):  # 16-bit grayscale (PIL's "I;16*" modes, or "I" from older PIL)
+                gray = np.asarray(im).astype(np.float32) / 65535.0
+                unit = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=-1)
+            else:
+                unit = np.asarray(im.convert("RGB")).astype(np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
         raise BitDanceError(f"--init-image {path}: not an image PIL can read ({e})") from e
-    return from_unit_hwc(torch.from_numpy(arr.astype(np.float32) / 255.0)[None])
+    return from_unit_hwc(torch.from_numpy(unit)[None])
 
 
 def _load(path: str, what: str) -> np.ndarray:

@@ -29,6 +29,9 @@ class TensorSource:
     shapes: dict[str, tuple] = field(default_factory=dict)  # key -> shape
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> tensor (from .pt)
     origin: str = ""  # what to name in error messages
+    # key -> its name inside its safetensors file, where the two differ (a renamed view: a prefix
+    # stripped, or a tokenizer file's `encoder.*` read as an ImageNet model's `vae.encoder.*`)
+    stored: dict[str, str] = field(default_factory=dict)
 
     def keys(self):
         return self.shapes.keys()
@@ -40,12 +43,29 @@ class TensorSource:
         else:
             path = self.files[key]
             try:
-                t = self._handle(path, device).get_tensor(key)
+                t = self._handle(path, device).get_tensor(self.stored_name(key))
             except Exception as e:  # truncated data surfaces here
                 raise BitDanceError(f"{path}: cannot read tensor '{key}' ({e}); the file is damaged or incomplete, download it again") from e
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         return t
+
+    def stored_name(self, key: str) -> str:
+        """The name `key` has inside its safetensors file."""
+        return self.stored.get(key, key)
+
+    def renamed(self, key: str, new: str, into: "TensorSource") -> None:
+        """Put this source's `key` into `into` under the name `new` (the file still names it `key`)."""
+        into.shapes[new] = self.shapes[key]
+        into.files.pop(new, None)
+        into.tensors.pop(new, None)
+        into.stored.pop(new, None)
+        if key in self.files:
+            into.files[new] = self.files[key]
+            if self.stored_name(key) != new:
+                into.stored[new] = self.stored_name(key)
+        if key in self.tensors:
+            into.tensors[new] = self.tensors[key]
 
     def _handle(self, path: str, device):
         from safetensors import safe_open
@@ -62,14 +82,9 @@ class TensorSource:
     def with_prefix_stripped(self, prefix: str) -> "TensorSource":
         """The keys under `prefix`, renamed without it."""
         out = TensorSource(origin=self.origin)
-        n = len(prefix)
         for k in self.shapes:
             if k.startswith(prefix):
-                out.shapes[k[n:]] = self.shapes[k]
-                if k in self.files:
-                    out.files[k[n:]] = self.files[k]
-                if k in self.tensors:
-                    out.tensors[k[n:]] = self.tensors[k]
+                self.renamed(k, k[len(prefix):], out)
         return out
 
 
@@ -103,6 +118,7 @@ def open_safetensors(paths: Iterable[str]) -> TensorSource:
 
 def _check_size(path: str) -> dict:
     """A safetensors file must be exactly header + the data the header describes; returns the header."""
+    refuse_stand_in(path)
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -127,11 +143,15 @@ def open_sharded(folder: str, stem: str = "model") -> TensorSource:
     index = os.path.join(folder, f"{stem}.safetensors.index.json")
     single = os.path.join(folder, f"{stem}.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise BitDanceError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file name}}}}")
         shards = sorted(set(weight_map.values()))
         if not shards:
             raise BitDanceError(f"{index}: empty weight_map")
+        outside = [s for s in shards if os.path.basename(s) != s]
+        if outside:  # shards are files of this folder (as transformers writes them)
+            raise BitDanceError(f"{index}: the weight_map names {outside[0]!r}; shards must be file names in {folder}")
         return open_safetensors(os.path.join(folder, s) for s in shards)
     if os.path.isfile(single):
         return open_safetensors([single])
@@ -184,13 +204,17 @@ def assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def read_json(path: str) -> dict:
+    """A JSON object file (a config, an index)."""
     if not os.path.isfile(path):
         raise BitDanceError(f"missing file: {path}")
     try:
         with open(path) as f:
-            return json.load(f)
+            obj = json.load(f)
     except json.JSONDecodeError as e:
         raise BitDanceError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise BitDanceError(f"{path}: expected a JSON object {{\"key\": value, ...}}, found a JSON {type(obj).__name__}")
+    return obj
 
 
 # ---- .pt checkpoints (ImageNet release) -------------------------------------------------------
@@ -214,10 +238,37 @@ def _refused(path: str, e: Exception) -> BitDanceError:
         "official file, or re-save the checkpoint as a plain state dict or as safetensors")
 
 
+def stand_in_reason(path: str) -> str | None:
+    """What a file that should hold weights is instead, when it is one of the stand-ins a failed
+    download leaves (a Git LFS pointer, a saved web page, nothing), else None. Read from its first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if not head:
+        return "an empty file (0 bytes): download it again"
+    if head.startswith(b"version https://git-lfs"):
+        size = re.search(rb"\nsize (\d+)", head)
+        of = f" to a {int(size.group(1)):,}-byte file" if size else ""
+        return (f"a Git LFS pointer{of} ({os.path.getsize(path)} bytes), not the file itself: fetch the file (git lfs pull "
+                "in a git clone, or download it with `hf download` or the file's 'resolve' link)")
+    start = head.lstrip().lower()
+    if start.startswith((b"<!doctype html", b"<html")):
+        return ("a web page, not weights: the download saved an HTML page (on Hugging Face, download the file's "
+                "'resolve' link or use `hf download`, not the 'blob' page)")
+    return None
+
+
+def refuse_stand_in(path: str) -> None:
+    """BitDanceError naming the file when it is a stand-in (`stand_in_reason`)."""
+    why = stand_in_reason(path)
+    if why is not None:
+        raise BitDanceError(f"{path}: {why}")
+
+
 def load_pt(path: str) -> dict:
     """Open a torch pickle without running code: weights_only=True plus a small allow-list."""
     if not os.path.isfile(path):
         raise BitDanceError(f"missing file: {path}")
+    refuse_stand_in(path)  # else an LFS pointer or a web page would be called a code-execution risk
     try:
         try:
             obj = _torch_load(path, mmap=True)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import BitDanceError
+from .checkpoints import refuse_stand_in
 from .q4 import gguf_package
 
 FLOAT_KINDS = ("F32", "F16", "BF16")
@@ -32,6 +33,7 @@ class GGUFSource:
         gguf = gguf_package()
         if not os.path.isfile(path):
             raise BitDanceError(f"missing file: {path}")
+        refuse_stand_in(path)
         try:
             self.reader = gguf.GGUFReader(path)
         except Exception as e:  # bad magic, truncated header or tensor data past the end

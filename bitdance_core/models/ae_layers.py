@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BitDanceError
+from ..errors import REQUIRED, BitDanceError, config_value
 
 _DDCONFIG_KEYS = {"ch", "out_ch", "in_channels", "num_res_blocks", "z_channels", "ch_mult", "resolution", "double_z"}
 _AE_KEYS = {"ddconfig", "gan_decoder", "checkpoint", "_class_name", "_diffusers_version"}
@@ -56,9 +56,15 @@ class AutoencoderConfig:
                 raise BitDanceError(f"{origin}: ddconfig lacks '{k}'")
         if dd.get("double_z"):
             raise BitDanceError(f"{origin}: double_z must be false for a binary tokenizer")
-        return cls(ch=int(dd["ch"]), ch_mult=tuple(int(m) for m in dd["ch_mult"]), num_res_blocks=int(dd["num_res_blocks"]),
-                   z_channels=int(dd["z_channels"]), in_channels=int(dd.get("in_channels", 3)),
-                   out_ch=int(dd.get("out_ch", 3)), gan_decoder=bool(cfg.get("gan_decoder", False)))
+        mult = dd["ch_mult"]
+        if not (isinstance(mult, list) and mult and all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult)):
+            raise BitDanceError(f"{origin}: ddconfig ch_mult is {mult!r}; expected a list of positive integers, e.g. [1, 1, 2, 2, 4]")
+
+        def get(key, default=REQUIRED):
+            return config_value(dd, key, int, f"{origin} ddconfig", default)
+        return cls(ch=get("ch"), ch_mult=tuple(mult), num_res_blocks=get("num_res_blocks"), z_channels=get("z_channels"),
+                   in_channels=get("in_channels", 3), out_ch=get("out_ch", 3),
+                   gan_decoder=config_value(cfg, "gan_decoder", bool, origin, False))
 
     def to_json(self) -> dict:
         return {"ddconfig": {"double_z": False, "z_channels": self.z_channels, "in_channels": self.in_channels,

@@ -71,6 +71,7 @@ class BinaryAutoencoder(nn.Module):
         """
         require(bits.dim() == 4 and bits.shape[1] == self.config.z_channels,
                 f"bits must be [B, {self.config.z_channels}, h, w] for this tokenizer, got {list(bits.shape)}")
+        require(bits.numel() > 0, f"bits {list(bits.shape)} hold no tokens: nothing to decode")
         require(chunk is None or (isinstance(chunk, int) and chunk >= 1), f"chunk must be an integer >= 1, got {chunk}")
         require(tile is None or (isinstance(tile, int) and tile >= 1), f"tile must be a positive number of pixels, got {tile}")
         bits = bits.float()  # ±1 in any dtype; float32 as the official decoder gets them (style statistics, noise)

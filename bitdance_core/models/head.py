@@ -7,14 +7,14 @@ Key names follow the released files (`net.*`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import flash_attention
-from ..errors import BitDanceError
+from ..errors import BitDanceError, config_value
 
 
 @dataclass
@@ -50,7 +50,8 @@ class HeadConfig:
         for k in ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln"):
             if k not in cfg:
                 raise BitDanceError(f"{origin}: missing required key '{k}'")
-        out = cls(**{k: cfg[k] for k in cfg})
+        kinds = {f.name: {"int": int, "float": float, "bool": bool}.get(f.type) for f in fields(cls)}
+        out = cls(**{k: config_value(cfg, k, kinds[k], origin) if kinds[k] else cfg[k] for k in cfg})
         if "parallel_num" not in cfg:
             out.parallel_num = 4  # the DiffHead default
         if "use_swiglu" not in cfg:
@@ -63,6 +64,9 @@ class HeadConfig:
             raise BitDanceError(f"{origin}: depth_latent {self.depth_latent} must be divisible into depth_adanln {self.depth_adanln} groups")
         if self.kind == "transformer" and self.ch_latent % self.head_dim:
             raise BitDanceError(f"{origin}: ch_latent {self.ch_latent} must be a multiple of the head size {self.head_dim}")
+        for k in ("ch_target", "ch_cond", "ch_latent", "depth_latent", "parallel_num"):
+            if getattr(self, k) < 1:
+                raise BitDanceError(f"{origin}: {k} {getattr(self, k)} must be positive")
         side = int(round(math.sqrt(self.parallel_num)))
         if side * side != self.parallel_num:
             raise BitDanceError(f"{origin}: parallel_num {self.parallel_num} must be a square (4, 16, 64)")

@@ -12,9 +12,9 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-from ..errors import BitDanceError, require
+from ..errors import BitDanceError, config_value, require
 from .ae_layers import AutoencoderConfig
 from .autoencoder import config_from_shapes as ae_config_from_shapes
 from .head import HeadConfig
@@ -221,8 +221,13 @@ def apply_overrides(base: ImageNetConfig, cfg: dict, origin: str) -> ImageNetCon
     values.update({k: v for k, v in body.items() if k in _FIELDS})
     out = asdict(base)
     out["ae"] = ae
+    kinds = {f.name: f.type for f in fields(ImageNetConfig)}
     for k, v in values.items():
-        out[k] = v if isinstance(v, str) else float(v) if k == "time_shift" else int(v)
+        if kinds[k] == "str":
+            require(isinstance(v, str), f"{origin}: {k} is {v!r}; expected a string")
+            out[k] = v
+        else:
+            out[k] = config_value(values, k, float if kinds[k] == "float" else int, origin)
     if "parallel_num" in values and "head_kind" not in values and values["parallel_num"] != base.parallel_num:
         out["head_kind"] = ""
     if "dim" in values and "ffn_hidden" not in values and values["dim"] != base.dim:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import flash_attention, sdpa
-from ..errors import BitDanceError
+from ..errors import REQUIRED, BitDanceError, config_value, require
 
 @dataclass
 class Qwen3Config:
@@ -41,17 +41,18 @@ class Qwen3Config:
             raise BitDanceError(f"{origin}: rope_scaling {cfg['rope_scaling']} is not supported (BitDance uses null)")
         if cfg.get("use_sliding_window"):
             raise BitDanceError(f"{origin}: use_sliding_window must be false")
-        theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 1_000_000.0))
-        try:
-            heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
-            return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
-                       intermediate_size=int(cfg["intermediate_size"]), num_hidden_layers=int(cfg["num_hidden_layers"]),
-                       num_attention_heads=heads, num_key_value_heads=int(cfg.get("num_key_value_heads", heads)),
-                       head_dim=int(cfg.get("head_dim") or hidden // heads), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                       rope_theta=float(theta), max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)))
-        except KeyError as e:
-            raise BitDanceError(f"{origin}: missing required key {e}") from e
+
+        def get(key, kind, default=REQUIRED):
+            return config_value(cfg, key, kind, origin, default)
+        rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+        theta = get("rope_theta", float, config_value(rope, "rope_theta", float, origin, 1_000_000.0))
+        heads, hidden = get("num_attention_heads", int), get("hidden_size", int)
+        require(heads >= 1 and hidden >= 1, f"{origin}: hidden_size {hidden} and num_attention_heads {heads} must be positive")
+        return cls(vocab_size=get("vocab_size", int), hidden_size=hidden, intermediate_size=get("intermediate_size", int),
+                   num_hidden_layers=get("num_hidden_layers", int), num_attention_heads=heads,
+                   num_key_value_heads=get("num_key_value_heads", int, heads), head_dim=get("head_dim", int, hidden // heads),
+                   rms_norm_eps=get("rms_norm_eps", float, 1e-6), rope_theta=theta,
+                   max_position_embeddings=get("max_position_embeddings", int, 40960))
 
 
 class RMSNorm(nn.Module):

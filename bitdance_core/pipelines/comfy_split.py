@@ -475,6 +475,6 @@ def save_comfy_split(pipe, folder: str, head_prefix: str = "diffusion_head.", pr
 
 def describe_split(configs: SplitConfigs) -> T2IInfo:
     """What the split files make (sizes from the tokenizer's res tokens), like describe_t2i for a folder."""
-    rule = SizeRule(configs.ae.downsample, configs.parallel_num, max_res_token(configs.codec.has_token))
+    rule = SizeRule(configs.ae.downsample, configs.parallel_num, max_res_token(configs.codec))
     return T2IInfo("split", configs.parallel_num, configs.ae.downsample, configs.ae.z_channels, configs.llm.hidden_size,
                    rule, configs.name)

@@ -10,6 +10,7 @@ official `model.sample` means.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Sequence
 
@@ -24,7 +25,7 @@ from ..models.sampler import euler_maruyama, skip_draws
 from . import continuation
 from .cpu_threads import generation_threads
 from .imagenet_classes import model_class_names, parse_classes
-from .tokenizers import tokenizer_source
+from .tokenizers import find_autoencoder_files, tokenizer_source
 
 Callback = Callable[[int, int, torch.Tensor], None]
 SCHEDULES = ("linear", "constant")
@@ -101,7 +102,7 @@ class ImageNetPipeline:
     def _generate(self, labels, steps, cfg, cfg_schedule, seed, callback, init_bits, keep) -> torch.Tensor:
         cfg = self.default_cfg if cfg is None else cfg
         require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
-        require(isinstance(cfg, (int, float)) and cfg >= 0, f"cfg (guidance scale) must be a number >= 0, got {cfg}")
+        require(isinstance(cfg, (int, float)) and math.isfinite(cfg) and cfg >= 0, f"cfg (guidance scale) must be a finite number >= 0, got {cfg}")
         require(cfg_schedule in SCHEDULES, f"cfg_schedule '{cfg_schedule}' unknown; use one of {list(SCHEDULES)}")
         require(isinstance(seed, int), f"seed must be an integer, got {seed!r}")
 
@@ -203,19 +204,18 @@ def checkpoint_source(path: str) -> TensorSource:
 
 def with_vae(src: TensorSource, vae: str) -> TensorSource:
     """The checkpoint's tensors with the tokenizer file's encoder/decoder in place of `vae.*`
-    (as upstream's load_vae_weight: the file wins, keys it lacks stay those of the checkpoint)."""
-    vsrc, _ = tokenizer_source(vae)
-    out = TensorSource(files=dict(src.files), shapes=dict(src.shapes), tensors=dict(src.tensors), origin=src.origin)
+    (as upstream's load_vae_weight: the file wins, keys it lacks stay those of the checkpoint).
+    `vae`: an `ae_*.pt` or `ae_*.safetensors` file, or a tokenizer folder."""
+    vsrc, _ = tokenizer_source(find_autoencoder_files(vae)[1])
+    if not any(k.startswith(("encoder.", "decoder.")) for k in vsrc.keys()):
+        raise BitDanceError(f"{vae}: no encoder.* or decoder.* tensors, so it is not a tokenizer file (it holds e.g. "
+                            f"{sorted(vsrc.keys())[:3]}); give the tokenizer's ae_*.pt or ae_*.safetensors, or leave "
+                            "the tokenizer out to use the one inside the checkpoint")
+    out = TensorSource(files=dict(src.files), shapes=dict(src.shapes), tensors=dict(src.tensors), origin=src.origin,
+                       stored=dict(src.stored))
     for k in vsrc.keys():
         if k.startswith(("encoder.", "decoder.")):
-            name = "vae." + k
-            out.shapes[name] = vsrc.shapes[k]
-            out.files.pop(name, None)
-            out.tensors.pop(name, None)
-            if k in vsrc.files:
-                out.files[name] = vsrc.files[k]
-            else:
-                out.tensors[name] = vsrc.tensors[k]
+            vsrc.renamed(k, "vae." + k, out)
     out.origin = f"{src.origin} + {vae}"
     return out
 

@@ -49,6 +49,8 @@ class PromptCodec:
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None) -> PromptTokens:
         if not isinstance(prompt, str) or not prompt.strip():
             raise BitDanceError("prompt is empty: give the text to draw")
+        for marker in ("<|im_start|>", "<|im_end|>"):  # else the template would be split into plain text silently
+            self.token_id(marker, "the chat template marks each turn with it; use the BitDance model's tokenizer files")
         neg = negative_prompt if negative_prompt and negative_prompt.strip() else None
         cond = self.encode(COND_TEMPLATE.format(prompt=prompt))
         uncond = self.encode(COND_TEMPLATE.format(prompt=neg) if neg else UNCOND_PROMPT)

@@ -30,11 +30,16 @@ OFFICIAL_SIZES = [
 RES_TOKEN = "<|res_{}|>"
 
 
-def max_res_token(has_token) -> int:
-    """The highest N such that <|res_1|> .. <|res_N|> are all in the tokenizer (`has_token(str) -> bool`)."""
+def max_res_token(codec) -> int:
+    """The highest N such that <|res_1|> .. <|res_N|> are all in the tokenizer (a PromptCodec); a
+    tokenizer without them is not BitDance's, and is refused naming its file."""
     n = 0
-    while has_token(RES_TOKEN.format(n + 1)):
+    while codec.has_token(RES_TOKEN.format(n + 1)):
         n += 1
+    if n == 0:
+        raise BitDanceError(f"{codec.origin}: the tokenizer has no {RES_TOKEN.format(1)} token, so it is not BitDance's "
+                            f"(BitDance adds {RES_TOKEN.format(1)}, {RES_TOKEN.format(2)}, ... and <|query_*|> to Qwen3's "
+                            "vocabulary): use the tokenizer files of the BitDance model")
     return n
 
 

@@ -40,7 +40,7 @@ class T2IPipeline:
         self.downsample = autoencoder.downsample
         self.samplers = dict(SAMPLERS)  # per pipeline, so accelerations (runtime/graphs.py) can wrap them
         self.offload = None  # the Offload attached by runtime/offload.apply_offload, which this pipeline owns
-        self.size_rule = SizeRule(self.downsample, self.parallel_num, max_res_token(codec.has_token))
+        self.size_rule = SizeRule(self.downsample, self.parallel_num, max_res_token(codec))
 
     @property
     def block_pixels(self) -> int:
@@ -103,7 +103,7 @@ class T2IPipeline:
                 f"{len(prompts)} prompts need as many seeds (one per prompt), got {len(seeds)}")
         prompts = [self.encode_prompt(p, negative_prompt) if isinstance(p, str) else p for p in prompts]
         require(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps}")
-        require(isinstance(cfg, (int, float)) and cfg >= 0, f"cfg (guidance scale) must be >= 0, got {cfg}")
+        require(isinstance(cfg, (int, float)) and math.isfinite(cfg) and cfg >= 0, f"cfg (guidance scale) must be a finite number >= 0, got {cfg}")
         require(isinstance(num_images, int) and num_images >= 1, f"num_images must be an integer >= 1, got {num_images}")
         require(sampler in self.samplers, f"sampler '{sampler}' unknown; choose one of {sorted(self.samplers)}")
         self.check_size(height, width)

@@ -129,7 +129,7 @@ def describe_t2i(source: str | T2IConfigs) -> T2IInfo:
     """A model folder (its configs are read) or configs already read (nothing is read again)."""
     cfg = source if isinstance(source, T2IConfigs) else read_t2i_configs(source)
     codec = load_prompt_codec(cfg.files.tokenizer_folder)
-    rule = SizeRule(cfg.ae.downsample, cfg.head.parallel_num, max_res_token(codec.has_token))
+    rule = SizeRule(cfg.ae.downsample, cfg.head.parallel_num, max_res_token(codec))
     return T2IInfo(cfg.files.layout, cfg.head.parallel_num, cfg.ae.downsample, cfg.ae.z_channels, cfg.head.ch_cond,
                    rule, os.path.basename(os.path.normpath(cfg.path)))
 

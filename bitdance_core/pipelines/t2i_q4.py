@@ -81,7 +81,7 @@ def _stored_kinds(src, keys) -> dict[str, str]:
         path = base.files[file_key]
         if path not in handles:
             handles[path] = safe_open(path, framework="pt", device="cpu")
-        dt = handles[path].get_slice(file_key).get_dtype()
+        dt = handles[path].get_slice(base.stored_name(file_key)).get_dtype()
         kinds[k] = {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(dt, "F32")
     return kinds
 
