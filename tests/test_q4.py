@@ -297,6 +297,20 @@ def test_convert_needs_a_model_folder(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'fp8'" in r.stderr
 
 
+def test_convert_into_a_folder_writes_the_file_the_loader_reads_there(tmp_path):
+    """--out an existing folder (or one ending in '/'): the file goes in it under the loader's name, and no
+    .partial file is left anywhere."""
+    from bitdance_core import demo_models as dm
+
+    for out, folder in ((str(tmp_path), tmp_path), (f"{tmp_path / 'new'}{os.sep}", tmp_path / "new")):
+        r = run_cli("convert", "--model", dm.T2I, "--weights", "4bit", "--out", out)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == str(folder / Q4_FILE) and f"the loader reads {q4_file(dm.T2I)}" in r.stderr
+        assert GGUFSource(str(folder / Q4_FILE)).metadata("general.architecture") == "bitdance"
+    assert sorted(os.listdir(tmp_path)) == [Q4_FILE, "new"] and os.listdir(tmp_path / "new") == [Q4_FILE]
+    assert not os.path.exists(q4_file(dm.T2I))
+
+
 # ---- 4-bit pipelines through the offload modes ------------------------------------------------------
 
 @pytest.mark.parametrize("mode,kw", [("stage", {}), ("stream", {"resident_layers": 1}), ("stream", {"resident_layers": 2})])
