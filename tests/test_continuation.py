@@ -7,6 +7,7 @@ the last regenerated block changes no regenerated block.
 """
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -426,10 +427,16 @@ def test_cli_bad_inputs_say_what_is_wrong(tmp_path):
     from PIL import Image
     Image.new("RGB", (100, 64)).save(tmp_path / "odd.png")
     np.save(tmp_path / "pixels.npy", np.full((1, 32, 32, 3), 200, dtype=np.uint8))  # a pixels array, not bits
+    with open(tmp_path / "pickled.npy", "wb") as f:  # not an .npy at all: a pickle
+        pickle.dump({"bits": ref}, f)
+    np.save(tmp_path / "objects.npy", np.array([{"bits": 1}], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "empty.npy", ref[:, :, :0])
     init = ["--init-tokens-npy", str(tmp_path / "init.npy")]
+    never_unpickled = "it holds pickled data or an object array, which are never loaded"
     cases = [
         (["--init-tokens-npy", str(tmp_path / "pixels.npy"), "--keep-rows", "4"],
-         "init tokens hold values other than ±1 (e.g. 200; uint8 [1, 32, 32, 3]) and look like pixels"),
+         "bits must be ±1 float [B, C, h, w] (as `tokenizer encode` and --tokens-npy write them); got uint8 "
+         "[1, 32, 32, 3] with values 200..200"),
         (["--init-tokens-npy", str(tmp_path / "half.npy"), "--keep-rows", "8"], "bits from another tokenizer"),
         (init + ["--keep-rows", "6"], "keep rows 6: must be a multiple of the block height, 4 latent rows (64 px)"),
         (init + ["--keep-mask-npy", str(tmp_path / "mask.npy")], "keep mask: shape [3, 3] does not fit: expected [4, 4]"),
@@ -438,7 +445,14 @@ def test_cli_bad_inputs_say_what_is_wrong(tmp_path):
         (init + ["--keep-rows", "8", "--height", "128"], "is larger than the generation"),
         (["--init-image", str(tmp_path / "odd.png"), "--keep-rows", "4"], "odd.png (100x64 px) does not fit this model"),
         (["--init-image", str(tmp_path / "missing.png"), "--keep-rows", "4"], "missing --init-image file"),
+        (["--init-tokens-npy", str(tmp_path / "pickled.npy"), "--keep-rows", "4"], never_unpickled),
+        (["--init-tokens-npy", str(tmp_path / "objects.npy"), "--keep-rows", "4"], never_unpickled),
+        (init + ["--keep-mask-npy", str(tmp_path / "objects.npy")], never_unpickled),
+        (["--init-tokens-npy", str(tmp_path / "empty.npy"), "--keep-rows", "4"],
+         f"got an empty float32 array of shape [1, {ref.shape[1]}, 0, {ref.shape[3]}]"),  # not read as "no init size"
     ]
     for options, message in cases:
-        r = t2i_cli(fixture, dict(p, num_sampling_steps=1), *options)
+        r = t2i_cli(fixture, dict(p, num_sampling_steps=1), *options, "--tokens-npy", str(tmp_path / "never-written.npy"))
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (options, r.stderr[-1500:])
+        assert "allow_pickle" not in r.stderr and "unsafely" not in r.stderr, r.stderr  # unpickling is never suggested
+    assert not (tmp_path / "never-written.npy").exists()

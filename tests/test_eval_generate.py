@@ -287,6 +287,13 @@ def test_bad_inputs_named(fx, tmp_path, capsys):
 
     rc, err = cli_main(capsys, *base, "--benchmark", "dpg", "--prompts", str(good))
     assert rc == 2 and "--benchmark geneval" in err  # a GenEval file given as DPG-Bench's
+    one = tmp_path / "one.jsonl"  # one GenEval line is one JSON object too: not read as {id: prompt}
+    one.write_text('{"prompt": "a seven", "tag": "single_object"}\n')
+    rc, err = cli_main(capsys, *base, "--benchmark", "dpg", "--prompts", str(one))
+    assert rc == 2 and f"{one}: a GenEval metadata line (\"prompt\" with \"tag\"/\"include\"): use --benchmark geneval" in err
+    one.write_text(GENEVAL_LINES[0])
+    rc, err = cli_main(capsys, *base, "--benchmark", "dpg", "--prompts", str(one))
+    assert rc == 2 and "use --benchmark geneval" in err
 
     dpg = tmp_path / "prompts.json"
     dpg.write_text('{\n    "0": "a cat",\n    "1": "a dog",\n    "2": 7\n}\n')

@@ -228,7 +228,8 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     from bitdance_core import load_tokenizer
     with pytest.raises(BitDanceError, match="refused to open"):
         load_tokenizer(str(path))
-    r = run_cli("imagenet", "--checkpoint", str(path), "--classes", "1", "--steps", "1", "--device", "cpu")
+    r = run_cli("imagenet", "--checkpoint", str(path), "--classes", "1", "--steps", "1", "--device", "cpu",
+                "--tokens-npy", str(tmp_path / "never-written.npy"))
     assert r.returncode == 2 and "refused to open" in r.stderr and "Traceback" not in r.stderr
     assert not marker.exists()
 

@@ -143,6 +143,11 @@ def test_gguf_file_roundtrip(tmp_path):
     src = GGUFSource(path)
     assert src.shapes == shapes and src.metadata("bitdance.note") == "x" and src.metadata("bitdance.n") == 7
     assert torch.equal(src.read_q4_0("lin.weight"), tensors["lin.weight"])
+    # a rename that fails at the very end (the target is a folder) leaves no .partial behind
+    (tmp_path / "folder.gguf").mkdir()
+    with pytest.raises(OSError):
+        write_gguf(str(tmp_path / "folder.gguf"), "bitdance", {}, [("bias", (64,), "F32")], tensors.__getitem__)
+    assert not os.path.exists(str(tmp_path / "folder.gguf") + ".partial")
     assert torch.equal(src.read("lin.weight", "cpu", None), _gguf_dequant(tensors["lin.weight"]))
     for k in ("norm.weight", "bias", "half"):
         got = src.read(k, "cpu", None)
@@ -295,6 +300,20 @@ def test_convert_needs_a_model_folder(tmp_path):
     assert r.returncode == 2 and "model folder not found" in r.stderr
     r = run_cli("convert", "--model", str(tmp_path), "--weights", "fp8")
     assert r.returncode == 2 and "invalid choice: 'fp8'" in r.stderr
+
+
+def test_convert_into_a_folder_writes_the_file_the_loader_reads_there(tmp_path):
+    """--out an existing folder (or one ending in '/'): the file goes in it under the loader's name, and no
+    .partial file is left anywhere."""
+    from bitdance_core import demo_models as dm
+
+    for out, folder in ((str(tmp_path), tmp_path), (f"{tmp_path / 'new'}{os.sep}", tmp_path / "new")):
+        r = run_cli("convert", "--model", dm.T2I, "--weights", "4bit", "--out", out)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == str(folder / Q4_FILE) and f"the loader reads {q4_file(dm.T2I)}" in r.stderr
+        assert GGUFSource(str(folder / Q4_FILE)).metadata("general.architecture") == "bitdance"
+    assert sorted(os.listdir(tmp_path)) == [Q4_FILE, "new"] and os.listdir(tmp_path / "new") == [Q4_FILE]
+    assert not os.path.exists(q4_file(dm.T2I))
 
 
 # ---- 4-bit pipelines through the offload modes ------------------------------------------------------

@@ -97,9 +97,9 @@ def test_offered_sizes_make_images_through_the_cli(which, height, width, model_6
     (1024, 1024, "height 1024 px (asked for: width 1024, height 1024) is larger than its largest side, 512 px"),
     (32, 40, "width 40 px (asked for: width 40, height 32) is not a multiple of 16 px"),
 ])
-def test_cli_size_error_names_the_size_asked_for(height, width, why):
+def test_cli_size_error_names_the_size_asked_for(height, width, why, tmp_path):
     r = run_cli("t2i", "--model", dm.T2I, "--prompt", "a handwritten digit seven", "--height", str(height),
-                "--width", str(width), "--steps", "1", "--device", "cpu")
+                "--width", str(width), "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "never-written.png"))
     assert r.returncode == 2
     assert why in r.stderr, r.stderr
     assert "digits-t2i makes sides that are multiples of 16 px from 16 to 512 px" in r.stderr

@@ -33,7 +33,8 @@ def test_t2i_fixture_through_cli(fixture, case, tmp_path):
 def test_cli_reports_bad_size_clearly(tmp_path):
     fx = fixture_dirs("t2i-tiny-p16")[0]
     r = run_cli("t2i", "--model", os.path.join(fx, "model"), "--prompt", "a cat", "--height", "100", "--width", "256",
-                "--steps", "2", "--cfg", "1", "--num-images", "1", "--seed", "0", "--device", "cpu")
+                "--steps", "2", "--cfg", "1", "--num-images", "1", "--seed", "0", "--device", "cpu",
+                "--tokens-npy", str(tmp_path / "never-written.npy"))
     assert r.returncode == 2
     assert "height 100" in r.stderr and "multiple of 64" in r.stderr
 

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import BitDanceError, require
 from ..runtime.levers import Levers
+from . import options
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT = "A red fox sitting in a snowy forest at sunrise, photographed with a telephoto lens"
@@ -540,19 +541,19 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     from .synthetic import SHAPES
 
     p.add_argument("--shape", default="mid", choices=sorted(SHAPES) + ["custom"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=options.device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--no-decode", action="store_true", help="time the generation only")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--warmup-size", default=None, help="warm up at SIZE or HEIGHTxWIDTH instead of the timed size")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--num-images", type=options.positive_int, default=1)
+    p.add_argument("--height", type=options.positive_int, default=None)
+    p.add_argument("--width", type=options.positive_int, default=None)
+    p.add_argument("--steps", type=options.positive_int, default=None)
+    p.add_argument("--cfg", type=options.non_negative_float, default=None)
+    p.add_argument("--seed", type=options.seed, default=0)
+    p.add_argument("--threads", type=options.positive_int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     g = p.add_argument_group("custom shape (--shape custom; unset values come from --base)")
     g.add_argument("--base", default="mid", choices=sorted(SHAPES))

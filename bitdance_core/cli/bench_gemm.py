@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import require
 from ..runtime.levers import SPLITK_THRESHOLD
+from . import options
 from .common import JsonlRecords
 
 BACKENDS = ("default", "cublaslt", "autotune", "autotune-splitk")
@@ -263,21 +264,23 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("bench-gemm", help="time the model's linear shapes alone per GEMM backend, against the floors")
     p.add_argument("--shape", default="14b-64x", choices=sorted(SHAPES) + ["custom"])
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=options.device, default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--rows", default="32,64,128,1024", help="row counts (M) to time, e.g. 32,64,128,1024")
     p.add_argument("--backends", default="default,cublaslt,autotune", help=f"comma-separated from {list(BACKENDS)}")
     p.add_argument("--autotune-rows", default="128", help="row counts for the compiled backends (default 128)")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which no compiled backend starts a shape")
     p.add_argument("--jsonl", default=None, help="append one JSON line per record as it finishes")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=options.positive_int, default=None)
     p.add_argument("--json", action="store_true")
     # the custom-shape options of bench, so the DRY scripts can time a small model's shapes
     for name in ("base",):
         p.add_argument(f"--{name}", default="mid", choices=sorted(SHAPES))
     for name in ("layers", "hidden", "heads", "kv-heads", "head-dim", "intermediate", "vocab", "head-depth", "head-width",
-                 "head-adaln", "parallel", "ae-ch", "height", "width", "steps"):
+                 "head-adaln", "parallel", "ae-ch"):
         p.add_argument(f"--{name}", type=int, default=None)
+    for name in ("height", "width", "steps"):
+        p.add_argument(f"--{name}", type=options.positive_int, default=None)
     p.add_argument("--cfg", type=float, default=None)
     p.set_defaults(func=cmd_gemm)
 

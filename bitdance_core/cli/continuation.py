@@ -14,6 +14,7 @@ import torch
 from ..errors import BitDanceError, require
 from ..pipelines import continuation
 from ..pipelines.images import from_unit_hwc
+from .common import read_bits_npy, read_npy
 
 
 def add_options(p) -> None:
@@ -37,15 +38,8 @@ class Init:
         self.path, self.bits, self.pixels = None, None, None
         if args.init_tokens_npy:
             self.path = args.init_tokens_npy
-            arr = _load(self.path, "--init-tokens-npy")
-            require(arr.ndim == 4, f"{self.path}: init tokens must be float32 ±1 [B, C, h, w] (as --tokens-npy writes), "
-                                   f"got shape {list(arr.shape)}")
-            values = np.unique(arr) if arr.size <= 1 << 24 else np.unique(arr.ravel()[:1 << 24])
-            odd = [v for v in values.tolist() if v not in (-1, 0, 1)]  # 0: torch.sign's rare exact zero
-            require(not odd, f"{self.path}: init tokens hold values other than ±1 (e.g. {odd[0] if odd else ''}; "
-                             f"{arr.dtype} {list(arr.shape)}){' and look like pixels' if arr.dtype == np.uint8 else ''}: "
-                             "give bits as --tokens-npy writes them, or an image with --init-image")
-            self.bits = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float32)))
+            arr = read_bits_npy(self.path, "--init-tokens-npy")
+            self.bits = torch.from_numpy(arr)
         elif args.init_image:
             self.path = args.init_image
             self.pixels = read_image(self.path)
@@ -94,15 +88,6 @@ def read_image(path: str) -> torch.Tensor:
     return from_unit_hwc(torch.from_numpy(unit)[None])
 
 
-def _load(path: str, what: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise BitDanceError(f"missing {what} file: {path}")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise BitDanceError(f"{what} {path}: not a .npy array ({e})") from e
-
-
 def inputs(args, grid: continuation.BlockGrid, bits: torch.Tensor, num_images: int):
     """(init_bits, keep) for generate(): the init on the generation's grid (outpainted to it when
     smaller) and the blocks to keep, from --keep-rows / --keep-mask-npy or the init's own area."""
@@ -118,12 +103,13 @@ def inputs(args, grid: continuation.BlockGrid, bits: torch.Tensor, num_images: i
     if args.keep_rows is not None:
         keep = continuation.keep_rows(grid, args.keep_rows)
     elif args.keep_mask_npy:
-        keep = _load(args.keep_mask_npy, "--keep-mask-npy")
+        keep = read_npy(args.keep_mask_npy, "--keep-mask-npy")
         require(keep.ndim in (2, 3), f"--keep-mask-npy {args.keep_mask_npy}: expected bool [{grid.rows}, {grid.cols}] "
                                      f"(True = keep) for {grid.describe()}, got shape {list(keep.shape)}")
     elif regen is not None:
         keep = continuation.keep_from_noise_mask(grid, regen, bits.shape[0])
     else:
-        raise BitDanceError("nothing to regenerate: give --keep-rows or --keep-mask-npy (the blocks to keep), or a "
-                            "larger --height/--width to outpaint")
+        bigger = ("a larger --height/--width to outpaint" if hasattr(args, "height")  # t2i; imagenet has one size
+                  else f"an init smaller than the model's {grid.lat_w * f}x{grid.lat_h * f} px to outpaint the rest")
+        raise BitDanceError(f"nothing to regenerate: give --keep-rows or --keep-mask-npy (the blocks to keep), or {bigger}")
     return bits, keep

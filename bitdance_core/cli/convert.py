@@ -16,6 +16,7 @@ import sys
 import time
 
 from ..errors import require
+from . import options
 
 
 def cmd_convert(args):
@@ -32,6 +33,8 @@ def cmd_convert(args):
     else:
         where_read, write = split_q4_file(args.text_encoder), functools.partial(write_split_q4, args.text_encoder)
     out = args.out or where_read
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):  # a folder: the file goes in it, under the name the loader reads
+        out = os.path.join(out, os.path.basename(where_read))
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -49,10 +52,13 @@ def cmd_convert(args):
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="write a model's 4-bit backbone file once (GGUF Q4_0)")
-    p.add_argument("--model", default=None, help="text-to-image model folder (official or diffusers layout)")
+    p.add_argument("--model", type=options.model_folder, default=None,
+                   help="text-to-image model folder (official or diffusers layout)")
     p.add_argument("--text-encoder", default=None,
                    help="or the community's split text encoder (e.g. BitDance_TextEncoder_FP8.safetensors)")
     p.add_argument("--weights", required=True, choices=["4bit"], help="the format to write")
-    p.add_argument("--out", default=None, help="default: where the loader looks: <model>/backbone-Q4_0.gguf, or "
-                                               "<text encoder stem>-Q4_0.gguf beside the text encoder")
+    p.add_argument("--out", default=None, help="the file to write, or a folder to write it in (under the name the "
+                                               "loader reads); default: where the loader looks: "
+                                               "<model>/backbone-Q4_0.gguf, or <text encoder stem>-Q4_0.gguf beside "
+                                               "the text encoder")
     p.set_defaults(func=cmd_convert)

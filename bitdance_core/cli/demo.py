@@ -12,7 +12,8 @@ import warnings
 import numpy as np
 import torch
 
-from .common import device_dtype
+from . import options
+from .common import device_dtype, make_parent, require_outputs
 from ..errors import require
 
 
@@ -30,7 +31,7 @@ def generate_digits(t2i: bool, per_class: int, seed: int, steps: int | None = No
         from ..pipelines.t2i_loading import load_t2i
 
         pipe = load_t2i(model or dm.T2I, device=device, dtype=dtype, weights=weights)
-        steps = steps or dm.T2I_DEFAULTS["steps"]
+        steps = dm.T2I_DEFAULTS["steps"] if steps is None else steps
         cfg = dm.T2I_DEFAULTS["cfg"] if cfg is None else cfg
         out = []
         with warnings.catch_warnings():
@@ -43,7 +44,7 @@ def generate_digits(t2i: bool, per_class: int, seed: int, steps: int | None = No
 
     pipe = load_imagenet(model or dm.IMAGENET, device=device, dtype=dtype)
     classes = [d for d in range(10) for _ in range(per_class)]
-    bits = pipe.generate(classes, steps=steps or dm.IMAGENET_DEFAULTS["steps"], cfg=cfg,
+    bits = pipe.generate(classes, steps=dm.IMAGENET_DEFAULTS["steps"] if steps is None else steps, cfg=cfg,
                          cfg_schedule=dm.IMAGENET_DEFAULTS["cfg_schedule"], seed=seed)
     return to_uint8(pipe.decode(bits)).numpy()
 
@@ -55,9 +56,12 @@ def grid(pixels: np.ndarray, per_class: int) -> np.ndarray:
 
 
 def cmd_demo(args):
+    require_outputs(args, "--out FILE.png or --pixels-npy")
     dev, dtype = device_dtype(args)
     pixels = generate_digits(args.t2i, args.per_class, args.seed, args.steps, args.cfg, dev, dtype,
                              weights=args.weights)
+    for path in (args.pixels_npy, args.out):
+        make_parent(path)
     if args.pixels_npy:
         np.save(args.pixels_npy, pixels)
     if args.out:
@@ -70,16 +74,18 @@ def cmd_demo(args):
 def register(sub) -> None:
     p = sub.add_parser("demo", help="the digits demo models (trained BitDance that draws on a CPU)")
     p.add_argument("--t2i", action="store_true", help="the text-to-image model (default: the class-conditional one)")
-    p.add_argument("--per-class", type=int, default=4, help="images per digit (output: 10*K images, digits 0..9 in order)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="diffusion-head steps (default 50)")
-    p.add_argument("--cfg", type=float, default=None,
+    p.add_argument("--per-class", type=options.positive_int, default=4,
+                   help="images per digit (output: 10*K images, digits 0..9 in order)")
+    p.add_argument("--seed", type=options.seed, default=0)
+    p.add_argument("--steps", type=options.positive_int, default=None, help="diffusion-head steps (default 50)")
+    p.add_argument("--cfg", type=options.non_negative_float, default=None,
                    help="guidance scale (default: the class model's own default, 4.0 for the text-to-image model)")
     p.add_argument("--weights", default="as-is", choices=["as-is", "fp8", "4bit"],
                    help="with --t2i: as stored; fp8 (backbone and head linears); 4bit (backbone linears GGUF Q4_0 "
                         "quantised on load, head fp8)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=options.device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--pixels-npy", default=None, help="uint8 [10*K, 32, 32, 3]")
-    p.add_argument("--out", default=None, help="PNG: a grid with one row per digit")
+    p.add_argument("--out", type=options.image_file, default=None,
+                   help="PNG: a grid with one row per digit (.png added when it has no extension)")
     p.set_defaults(func=cmd_demo)

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import BitDanceError, require
 from ..pipelines.images import to_uint8_rounded
+from . import options
 from .common import DTYPES, device_dtype
 from .eval_layout import Layout, claim_folder
 from .eval_prompts import EvalPrompt, read_prompts
@@ -264,7 +265,8 @@ def _run(args, group, dev: str, dtype, prompts: list[EvalPrompt], sm: Sampling):
 def register(sub) -> None:
     p = sub.add_parser("eval-generate", help="a GenEval or DPG-Bench image set, in the layout its scorer reads "
                        "(one process, or many under torchrun)")
-    p.add_argument("--model", required=True, help="text-to-image model folder (official or diffusers layout)")
+    p.add_argument("--model", type=options.model_folder, required=True,
+                   help="text-to-image model folder (official or diffusers layout)")
     p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS),
                    help="geneval: <out>/<index:05d>/{metadata.jsonl,samples/0000.png..,grid.png}; "
                         "dpg: <out>/<id>.png (2x2 grid)")
@@ -281,7 +283,7 @@ def register(sub) -> None:
                         "images differ in rounding from another batch size)")
     p.add_argument("--overwrite", action="store_true",
                    help="the output folder holds another run's images: delete them and start again")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; under torchrun "
+    p.add_argument("--device", type=options.device, default=None, help="cpu or cuda (default: cuda when available; under torchrun "
                    "each process uses the GPU of its LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="compute dtype; auto: bfloat16 on a GPU that has it (the official dtype), else float32")

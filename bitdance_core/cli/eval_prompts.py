@@ -46,6 +46,16 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
+def _is_geneval_line(text: str) -> bool:
+    """A GenEval metadata object: a "prompt" string beside its "tag" / "include" (no DPG-Bench id file
+    names its images "prompt" and "tag")."""
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(entry, dict) and isinstance(entry.get("prompt"), str) and bool({"tag", "include"} & set(entry))
+
+
 def read_geneval(path: str) -> list[EvalPrompt]:
     text = _read_text(path)
     lines = text.splitlines(keepends=True)
@@ -109,6 +119,9 @@ def read_dpg(path: str) -> list[EvalPrompt]:
     lines = text.strip().splitlines()
     if len(lines) > 1 and _is_json_object(lines[0]):  # a whole object on line 1, more after it: JSON lines
         raise BitDanceError(f"{path}: one JSON object per line (GenEval's metadata? use --benchmark geneval); {want}")
+    if len(lines) == 1 and _is_geneval_line(lines[0]):
+        raise BitDanceError(f"{path}: a GenEval metadata line (\"prompt\" with \"tag\"/\"include\"): use --benchmark "
+                            f"geneval; {want}")
     if not text.startswith("{", pos):
         raise BitDanceError(f"{path}, line {line_of(pos)}: not a JSON object; {want}")
     pos = skip(pos + 1)

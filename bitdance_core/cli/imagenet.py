@@ -1,8 +1,8 @@
 """`python -m bitdance_core imagenet ...`: class-conditional generation with a released ImageNet checkpoint."""
 from __future__ import annotations
 
-from . import continuation
-from .common import add_common, device_dtype, progress, save_outputs
+from . import continuation, options
+from .common import add_common, device_dtype, progress, require_outputs, save_outputs
 
 
 def cmd_imagenet(args):
@@ -10,6 +10,7 @@ def cmd_imagenet(args):
     from ..pipelines.imagenet_classes import parse_classes
     from ..pipelines.images import to_uint8
 
+    require_outputs(args)
     dev, dtype = device_dtype(args)
     init = continuation.Init(args)
     pipe = load_imagenet(args.checkpoint, vae=args.vae, config=args.config, device=dev, dtype=dtype)
@@ -30,11 +31,14 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="JSON with the model's constructor arguments (default: config.json "
                    "beside the checkpoint if present, else read from the tensor shapes)")
     p.add_argument("--classes", required=True, help="comma-separated class ids or ImageNet names, e.g. 3,7 or 'goldfish,207'")
-    p.add_argument("--steps", type=int, default=100, help="diffusion-head steps per token (official: 100)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's README value, e.g. 3.2 for B-1x)")
+    p.add_argument("--steps", type=options.positive_int, default=100, help="diffusion-head steps per token (official: 100)")
+    p.add_argument("--cfg", type=options.non_negative_float, default=None,
+                   help="guidance scale (default: the model's README value, e.g. 3.2 for B-1x)")
     p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])
-    p.add_argument("--seed", type=int, default=0, help="means what torch.manual_seed(SEED) before the official model.sample means")
-    p.add_argument("--decode-tile", type=int, default=None, help="decode in tiles of this many pixels (approximate, less memory)")
+    p.add_argument("--seed", type=options.seed, default=0,
+                   help="means what torch.manual_seed(SEED) before the official model.sample means")
+    p.add_argument("--decode-tile", type=options.tile_pixels, default=None,
+                   help="decode in tiles of this many pixels (approximate, less memory); 0 or unset: no tiling")
     continuation.add_options(p)
     add_common(p)
     p.set_defaults(func=cmd_imagenet)

@@ -8,8 +8,8 @@ import time
 import torch
 
 from ..errors import BitDanceError
-from . import continuation
-from .common import ShowDefaults, add_common, device_dtype, progress, save_outputs
+from . import continuation, options
+from .common import ShowDefaults, add_common, device_dtype, progress, require_outputs, save_outputs
 
 
 def add_t2i_load_options(p) -> None:
@@ -62,13 +62,14 @@ def cmd_t2i(args):
     from ..pipelines.images import to_uint8
     from ..pipelines.t2i_loading import describe_t2i, read_t2i_configs
 
+    if not args.dry_run:
+        require_outputs(args)
     configs = read_t2i_configs(args.model)  # each config file read once for the whole command
     info = describe_t2i(configs)
     init = continuation.Init(args)
-    if init:  # the size defaults to the init's
-        ih, iw = init.size(info.downsample)
-        args.height, args.width = args.height or ih, args.width or iw
-    args.height, args.width = args.height or 1024, args.width or 1024
+    ih, iw = init.size(info.downsample) if init else (1024, 1024)  # the size defaults to the init's
+    args.height = ih if args.height is None else args.height
+    args.width = iw if args.width is None else args.width
     try:
         info.check_size(args.height, args.width)  # from the config files and tokenizer: before any weights are read
     except BitDanceError as e:
@@ -99,16 +100,17 @@ def cmd_t2i(args):
 
 def register(sub) -> None:
     p = sub.add_parser("t2i", help="text to image", formatter_class=ShowDefaults)
-    p.add_argument("--model", required=True, help="model folder (official or diffusers layout)")
+    p.add_argument("--model", type=options.model_folder, required=True, help="model folder (official or diffusers layout)")
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default=None, help="replaces the official unconditional prompt")
-    p.add_argument("--height", type=int, default=None,
+    p.add_argument("--height", type=options.positive_int, default=None,
                    help="px; a size the model makes, an error lists them (default: 1024), or the init's with --init-*")
-    p.add_argument("--width", type=int, default=None, help="px (default: 1024), or the init's with --init-*")
-    p.add_argument("--steps", type=int, default=50, help="diffusion-head steps per AR block")
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (1 or less: no guidance)")
-    p.add_argument("--num-images", type=int, default=1, help="images in the batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    p.add_argument("--width", type=options.positive_int, default=None,
+                   help="px (default: 1024), or the init's with --init-*")
+    p.add_argument("--steps", type=options.positive_int, default=50, help="diffusion-head steps per AR block")
+    p.add_argument("--cfg", type=options.non_negative_float, default=7.5, help="guidance scale (1 or less: no guidance)")
+    p.add_argument("--num-images", type=options.positive_int, default=1, help="images in the batch")
+    p.add_argument("--seed", type=options.seed, default=0, help="seed of the sampling noise")
     add_t2i_load_options(p)
     continuation.add_options(p)
     p.add_argument("--dry-run", action="store_true",

@@ -136,10 +136,10 @@ def write_gguf(path: str, arch: str, metadata: dict, tensors: Iterable[tuple[str
             if progress is not None:
                 progress(i + 1, len(tensors))
         w.close()
+        os.replace(tmp, path)  # inside the try: a failed rename (say, onto a folder) leaves no .partial behind
     except BaseException:
-        w.close()
+        w.close()  # closing twice is harmless (GGUFWriter.close checks)
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    os.replace(tmp, path)
     return path
