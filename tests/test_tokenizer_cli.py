@@ -132,11 +132,19 @@ def test_arrays_that_are_no_images_or_bits_are_refused_before_loading(tmp_path, 
     assert rc == 0 and np.load(tmp_path / "out.npy").shape == image.shape, err
 
 
-def test_tile_0_decodes_whole(tmp_path):
-    """--tile 0 is no tiling, as the ComfyUI Decode node's tile 0."""
+def test_tile_0_and_chunk_0_decode_whole(tmp_path):
+    """--tile 0 is no tiling and --chunk 0 all images at once, as the ComfyUI Decode node's 0s."""
     fx = AE_FIXTURES[0]
     out = tmp_path / "tile0.npy"
     r = cli("decode", "--model", fx, "--bits-npy", os.path.join(fx, "random_bits.npy"), "--pixels-npy", str(out),
             "--tile", "0", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert np.abs(np.load(out) - np.load(os.path.join(fx, "decode_of_random_bits.npy"))).max() <= 1e-4
+    # --chunk 0 is all images at once, as the node's images_at_once 0; a negative count is refused
+    r = cli("decode", "--model", fx, "--bits-npy", os.path.join(fx, "random_bits.npy"), "--pixels-npy", str(out),
+            "--chunk", "0", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert np.abs(np.load(out) - np.load(os.path.join(fx, "decode_of_random_bits.npy"))).max() <= 1e-4
+    r = cli("decode", "--model", fx, "--bits-npy", os.path.join(fx, "random_bits.npy"), "--pixels-npy", str(out),
+            "--chunk", "-1", "--device", "cpu")
+    assert r.returncode == 2 and "argument --chunk: must be a number of images >= 1, or 0 for all at once" in r.stderr

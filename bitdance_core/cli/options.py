@@ -75,6 +75,14 @@ def tile_pixels(text: str) -> int | None:
     return value or None
 
 
+def images_at_once(text: str) -> int | None:
+    """How many images a decode takes at a time; 0 means all at once (as in ComfyUI's BitDance Decode node)."""
+    value = _int(text)
+    if value < 0:
+        _refuse(f"must be a number of images >= 1, or 0 for all at once; got {value}")
+    return value or None
+
+
 def image_file(text: str) -> str:
     """An image file to write: its extension names a format PIL writes RGB images in; none means PNG
     (`.png` is added, as for the numbered files of several images)."""

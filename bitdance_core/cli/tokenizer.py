@@ -44,7 +44,8 @@ def register(sub) -> None:
     p.add_argument("--pixels-npy", default=None, help="decode: images, float32 [B, 3, H, W] in about [-1, 1]")
     p.add_argument("--seed", type=options.seed, default=0, help="noise seed of GAN decoders (d32 tokenizers, UniWeTok): "
                                                                  "on the CPU the same as torch.manual_seed(SEED) before the official decode")
-    p.add_argument("--chunk", type=options.positive_int, default=None, help="decode this many images at a time")
+    p.add_argument("--chunk", type=options.images_at_once, default=None,
+                   help="decode this many images at a time (0 or none: all at once)")
     p.add_argument("--tile", type=options.tile_pixels, default=None,
                    help="decode in tiles of about this many pixels a side (less memory); 0: no tiling")
     add_common(p, out=False)
