@@ -40,9 +40,10 @@ class BitDanceImageNetLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("checkpoint", options=[p for p in pts if not _is_vae(p)],
                                tooltip="e.g. BitDance-ImageNet/BitDance_B_1x.pt"),
-                io.Combo.Input("vae", options=[AUTO] + [p for p in pts if _is_vae(p)], default=AUTO,
-                               tooltip="The tokenizer weights (ae_d16c32.pt); auto: the checkpoint's own copy, "
-                                       "or the one beside it"),
+                io.Combo.Input("vae", options=[AUTO] + [p for p in pts if _is_vae(p)] + paths.list_tokenizer_files(),
+                               default=AUTO,
+                               tooltip="The tokenizer weights (ae_d16c32.pt, or BitDance-Tokenizer's "
+                                       "ae_d16c32.safetensors); auto: the checkpoint's own copy, or the one beside it"),
                 io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto"),
             ],
             outputs=[ImageNetModelType.Output(display_name="model"), TokenizerType.Output(display_name="tokenizer")],

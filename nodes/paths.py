@@ -133,6 +133,12 @@ def list_t2i_models() -> list[str]:
     return found + [n for n in T2I_RELEASES if n not in found]
 
 
+def list_tokenizer_files() -> list[str]:
+    """BitDance-Tokenizer files (ae_*.safetensors) in models/bitdance/: what an ImageNet model can take
+    as its tokenizer besides an ae_*.pt."""
+    return [name for name in list_tokenizers() if name.endswith(".safetensors")]
+
+
 def list_tokenizers() -> list[str]:
     """Tokenizer sources: folders with a tokenizer config (a T2I model folder counts),
     BitDance-Tokenizer files (ae_*.safetensors with their *_config.json) and UniWeTok checkpoints

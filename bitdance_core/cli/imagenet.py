@@ -27,7 +27,7 @@ def cmd_imagenet(args):
 def register(sub) -> None:
     p = sub.add_parser("imagenet", help="ImageNet class-conditional generation (BitDance-B/L/H, 1x/4x/16x)")
     p.add_argument("--checkpoint", required=True, help="BitDance_*.pt (or a .safetensors re-save of its state dict)")
-    p.add_argument("--vae", default=None, help="tokenizer file (ae_d16c32.pt); default: the vae.* weights in the checkpoint")
+    p.add_argument("--vae", default=None, help="tokenizer: ae_d16c32.pt, BitDance-Tokenizer's ae_d16c32.safetensors or a tokenizer folder; default: the vae.* weights in the checkpoint")
     p.add_argument("--config", default=None, help="JSON with the model's constructor arguments (default: config.json "
                    "beside the checkpoint if present, else read from the tensor shapes)")
     p.add_argument("--classes", required=True, help="comma-separated class ids or ImageNet names, e.g. 3,7 or 'goldfish,207'")

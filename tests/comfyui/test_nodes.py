@@ -102,6 +102,46 @@ def test_imagenet_info_route(comfy):
     assert missing["available"] is False and "hf download shallowdream204/BitDance-ImageNet" in missing["error"]
 
 
+def test_imagenet_loader_takes_a_bitdance_tokenizer_safetensors(comfy):
+    """BitDance-Tokenizer ships its tokenizer as ae_*.safetensors with plain encoder.*/decoder.* names; placed
+    in models/bitdance/ it is offered as the ImageNet Loader's vae and gives the same images as the .pt."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bitdance_core.pipelines.tokenizers import tokenizer_source
+
+    vsrc, _ = tokenizer_source(os.path.join(comfy.base, "models", "bitdance", "imagenet-tiny-p4", "vae.pt"))
+    weights = {k: vsrc.read(k, "cpu", None).contiguous() for k in vsrc.keys() if k.startswith(("encoder.", "decoder."))}
+    assert weights and all(isinstance(t, torch.Tensor) for t in weights.values())
+    path = os.path.join(comfy.base, "models", "bitdance", "ae_imagenet_tiny.safetensors")
+    save_file(weights, path)
+    # the same tokenizer with its output shifted: proves the file chosen is the one decoding
+    shifted = os.path.join(comfy.base, "models", "bitdance", "ae_imagenet_tiny_shifted.safetensors")
+    save_file({**weights, "decoder.conv_out.bias": weights["decoder.conv_out.bias"] + 0.5}, shifted)
+    try:
+        info = comfy.get("/object_info/BitDanceImageNetLoader")["BitDanceImageNetLoader"]["input"]["required"]
+        assert "ae_imagenet_tiny.safetensors" in info["vae"][1]["options"]
+        images = []
+        for vae in ("imagenet-tiny-p4/vae.pt", "ae_imagenet_tiny.safetensors", "ae_imagenet_tiny_shifted.safetensors"):
+            wf = {
+                "1": {"class_type": "BitDanceImageNetLoader",
+                      "inputs": {"checkpoint": "imagenet-tiny-p4/model.pt", "vae": vae, "dtype": "auto"}},
+                "2": {"class_type": "BitDanceImageNetSampler",
+                      "inputs": {"model": ["1", 0], "class_name": "3: tiger shark", "class_index": 3, "steps": 2,
+                                 "cfg": 4.0, "cfg_schedule": "linear", "seed": 11, "batch_size": 1}},
+                "3": {"class_type": "BitDanceDecode", "inputs": {"tokenizer": ["1", 1], "bits": ["2", 0],
+                                                                  "images_at_once": 0, "gan_seed": 0}},
+                "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+            }
+            (imgs,) = comfy.images(comfy.run(wf)).values()
+            images.append(np.asarray(imgs[0].convert("RGB")))
+        assert images[0].shape == (256, 256, 3) and np.array_equal(images[0], images[1])
+        assert not np.array_equal(images[0], images[2])
+    finally:
+        os.remove(path)
+        os.remove(shifted)
+
+
 def test_t2i_equals_the_cli(comfy, tmp_path, fixtures_dir):
     """The tiny T2I workflow (fixture case 1 settings) through ComfyUI == the engine's CLI == the
     fixture: the sampled bits (saved with ComfyUI's SaveLatent) bit for bit; the pixels within one
