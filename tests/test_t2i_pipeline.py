@@ -189,6 +189,10 @@ def test_a_config_value_of_the_wrong_type_is_named(tmp_path, file, edit, words):
 
 def test_a_broken_shard_index_is_named(tmp_path):
     m = copy_model(tmp_path)
+    (m / "config.json").write_bytes(b"\xff\xfe\x00 not text")  # bytes that are not UTF-8: still named
+    with pytest.raises(BitDanceError, match=r"config.json: not valid JSON \('utf-8' codec can't decode"):
+        load_t2i(str(m))
+    shutil.copy(os.path.join(MODEL, "config.json"), m / "config.json")
     index = m / "model.safetensors.index.json"
     index.write_text('{"weight_map": {"model.embed_tokens.weight": "model.safetensors",')
     with pytest.raises(BitDanceError, match=r"model.safetensors.index.json: not valid JSON"):

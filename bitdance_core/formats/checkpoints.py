@@ -55,7 +55,7 @@ class TensorSource:
         return self.stored.get(key, key)
 
     def renamed(self, key: str, new: str, into: "TensorSource") -> None:
-        """Put this source's `key` into `into` under the name `new` (the file still names it `key`)."""
+        """Put this source's `key` into `into` under the name `new` (its file keeps the name it stores)."""
         into.shapes[new] = self.shapes[key]
         into.files.pop(new, None)
         into.tensors.pop(new, None)
@@ -210,7 +210,7 @@ def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             obj = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BitDanceError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(obj, dict):
         raise BitDanceError(f"{path}: expected a JSON object {{\"key\": value, ...}}, found a JSON {type(obj).__name__}")
