@@ -269,6 +269,20 @@ def test_class_names_in_index_order():
     with pytest.raises(BitDanceError, match="out of range"):
         parse_classes("1000")
     assert parse_classes("1000", allow_null=True) == [1000]
+    # before a model is read (num_classes None) only the spelling is checked
+    assert parse_classes("goldfish,1500", None) == [1, 1500]
+    for bad, why in (("goldfsh", "not an ImageNet class name"), ("-3", "negative"), ([2.5], "not a class id")):
+        with pytest.raises(BitDanceError, match=why):
+            parse_classes(bad, None)
+
+
+def test_cli_refuses_a_misspelt_class_before_loading(tmp_path):
+    empty = tmp_path / "BitDance_B_1x.pt"
+    empty.write_bytes(b"")  # loading it would fail, naming the file: the class name must be refused first
+    r = run_cli("imagenet", "--checkpoint", str(empty), "--classes", "golden retriver", "--device", "cpu",
+                "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "not an ImageNet class name" in r.stderr and "golden retriever" in r.stderr
+    assert "empty file" not in r.stderr and "Traceback" not in r.stderr
 
 
 # ---- bf16 as the official autocast runs it --------------------------------------------------------------

@@ -12,6 +12,7 @@ def cmd_imagenet(args):
 
     require_outputs(args)
     dev, dtype = device_dtype(args)
+    parse_classes(args.classes, None)  # a misspelt name is refused before the checkpoint loads
     init = continuation.Init(args)
     pipe = load_imagenet(args.checkpoint, vae=args.vae, config=args.config, device=dev, dtype=dtype)
     init_bits = keep = None

@@ -63,9 +63,12 @@ def class_index(name: str) -> int:
     raise BitDanceError(f"'{name}' is not an ImageNet class name{hint} (or give the class id 0-999)")
 
 
-def parse_classes(classes: Sequence[int | str] | int | str, num_classes: int = 1000, allow_null: bool = False) -> list[int]:
+def parse_classes(classes: Sequence[int | str] | int | str, num_classes: int | None = 1000,
+                  allow_null: bool = False) -> list[int]:
     """Class ids from ids, digit strings, ImageNet names, or one comma-separated string of those.
-    With allow_null, id == num_classes (the unconditional "null" class) is accepted."""
+    With allow_null, id == num_classes (the unconditional "null" class) is accepted. num_classes None:
+    the model is not read yet, so only the spelling is checked (names as ImageNet's, ids as >= 0), which
+    lets a command refuse a misspelt name before it spends time loading a checkpoint."""
     if isinstance(classes, str):
         items = [c for c in classes.split(",") if c.strip()]
     elif isinstance(classes, int):
@@ -74,7 +77,7 @@ def parse_classes(classes: Sequence[int | str] | int | str, num_classes: int = 1
         items = list(classes)
     if not items:
         raise BitDanceError("no class given: pass class ids such as 3,7 (or ImageNet names)")
-    top = num_classes if allow_null else num_classes - 1
+    top = None if num_classes is None else num_classes if allow_null else num_classes - 1
     out = []
     for c in items:
         if isinstance(c, bool):
@@ -82,12 +85,16 @@ def parse_classes(classes: Sequence[int | str] | int | str, num_classes: int = 1
         if isinstance(c, str) and c.strip().lstrip("-").isdigit():
             c = int(c.strip())
         if isinstance(c, str):
-            if num_classes != 1000:
+            if num_classes not in (None, 1000):
                 raise BitDanceError(f"class '{c}': this model has {num_classes} classes, not ImageNet's 1000; give ids 0-{num_classes - 1}")
             c = class_index(c)
         if not isinstance(c, int) and hasattr(c, "__index__"):
             c = int(c)
-        if not isinstance(c, int) or not 0 <= c <= top:
+        if not isinstance(c, int):
+            raise BitDanceError(f"class {c!r} is not a class id: give an integer or an ImageNet class name")
+        if top is None and c < 0:
+            raise BitDanceError(f"class {c} is negative: class ids start at 0")
+        if top is not None and not 0 <= c <= top:
             raise BitDanceError(f"class {c!r} is out of range: this model has classes 0-{num_classes - 1}"
                                 + (f" (and {num_classes} = unconditional)" if allow_null else ""))
         out.append(c)
